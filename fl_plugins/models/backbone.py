@@ -1,0 +1,122 @@
+"""ViT backbones from timm for 1-channel medical images.
+
+Every ViT in the project (DINO/DINOv2 student and teacher, MAE encoder, UNETR-style segmentation encoder,
+classifier) is built here, so an exported backbone ``state_dict`` always fits ``create_backbone`` with the
+same :class:`BackboneSpec`, and timm itself can load it::
+
+    timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": path}, **spec.timm_kwargs())
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["BackboneSpec", "create_backbone", "load_backbone_state", "BackboneCheckpointError"]
+
+
+class BackboneCheckpointError(ValueError):
+    """A backbone checkpoint does not fit the backbone (names the file and the offending keys)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Architecture of a timm ViT backbone.
+
+    Defaults are the CPU-scale setting of methods-spec 9.3 [R]: ViT-tiny width (192-d, 3 heads, timm
+    ``vit_tiny_patch16_224``), patch 8 at 64x64 pixels (64 tokens), 6 blocks.
+    """
+
+    name: str = "vit_tiny_patch16_224"
+    img_size: int = 64
+    patch_size: int = 8
+    in_chans: int = 1
+    depth: int = 6
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in timm.list_models():
+            close = [m for m in timm.list_models("vit_*") if self.name.split("_")[1:2] and self.name.split("_")[1] in m]
+            raise ValueError(
+                f"backbone name {self.name!r} is not a timm model; try one of {close[:5] or timm.list_models('vit_*')[:5]}"
+            )
+        if self.patch_size <= 0 or self.img_size % self.patch_size != 0:
+            raise ValueError(
+                f"img_size={self.img_size} must be a positive multiple of patch_size={self.patch_size}"
+            )
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments for ``timm.create_model`` (besides the model name)."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "depth": self.depth,
+            "drop_path_rate": self.drop_path_rate,
+            "num_classes": 0,  # no classifier: forward() returns the pooled CLS embedding [B, D]
+            "dynamic_img_size": True,  # multi-crop: local crops are smaller than global ones
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackboneSpec:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown backbone setting(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def create_backbone(spec: BackboneSpec) -> nn.Module:
+    """Build a randomly initialised timm ViT; ``forward(x[B,C,H,W]) -> [B, embed_dim]``."""
+    return timm.create_model(spec.name, pretrained=False, **spec.timm_kwargs())
+
+
+def load_backbone_state(backbone: nn.Module, path: str | Path) -> None:
+    """Load an exported backbone ``state_dict`` (a ``.pt``/``.pth`` file) into ``backbone``, strictly.
+
+    Accepts a raw state dict or a dict with a ``state_dict``/``model`` entry. Raises
+    :class:`BackboneCheckpointError` naming the file, the missing/unexpected keys and shape mismatches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneCheckpointError(f"pretrained backbone checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a torch file
+        raise BackboneCheckpointError(f"cannot read pretrained backbone checkpoint {str(path)!r}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneCheckpointError(f"{str(path)!r} does not hold a backbone state_dict (name -> tensor)")
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(obj))
+    unexpected = sorted(set(obj) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(obj[k].shape)} vs backbone {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(obj))
+        if obj[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es) {mismatched[:3]}")
+        raise BackboneCheckpointError(
+            f"pretrained backbone checkpoint {str(path)!r} does not fit the backbone: " + "; ".join(parts)
+        )
+    backbone.load_state_dict(obj, strict=True)
