@@ -1,0 +1,388 @@
+"""``flssl``: the everyday steps — make or split site data, run a job in the FLARE simulator with site data wired
+in, evaluate a checkpoint on a held-out split, print a results table.
+
+Run ``flssl <command> --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def cmd_synth(a: argparse.Namespace) -> int:
+    from fl_plugins.data import generate_synthetic_multitask, generate_synthetic_segmentation
+
+    t0 = time.perf_counter()
+    if a.task == "segmentation":
+        paths = generate_synthetic_segmentation(
+            a.out, num_sites=a.sites, volumes_per_site=a.volumes, num_slices=a.slices, size=a.size,
+            labelled_per_site=a.labelled, seed=a.seed,
+        )
+    else:
+        paths = generate_synthetic_multitask(a.out, class_counts=tuple([2] * a.sites), size=a.size, seed=a.seed)
+    print(f"wrote {len(paths)} site datalists in {time.perf_counter() - t0:.1f}s:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+def cmd_split(a: argparse.Namespace) -> int:
+    from fl_plugins.data import split_decathlon, split_medmnist
+
+    src = Path(a.dataset)
+    if src.suffix == ".npz":
+        paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled)
+    else:
+        paths = split_decathlon(
+            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset
+        )
+    print(f"wrote {len(paths)} site datalists:")
+    for p in paths:
+        print(f"  {p}")
+    summary = Path(a.out) / "split_summary.json"
+    if summary.exists():
+        print(summary.read_text())
+    return 0
+
+
+def cmd_check_data(a: argparse.Namespace) -> int:
+    from fl_plugins.data import load_datalist, validate_datalist
+
+    for p in _datalists(a.datalist):
+        dl = load_datalist(p)
+        validate_datalist(dl, sections=("training", "validation", "test"), deep=True)
+        n = {s: len(dl.get(s, [])) for s in ("training", "validation", "test")}
+        print(f"OK {p}: {n}")
+    return 0
+
+
+def _datalists(arg: str) -> list[Path]:
+    p = Path(arg)
+    if p.is_dir():
+        found = sorted(p.glob("*/datalist.json"))
+        if not found:
+            raise CLIError(f"no site datalists (<site>/datalist.json) under {str(p)!r}")
+        return found
+    if not p.is_file():
+        raise CLIError(f"datalist {str(p)!r} does not exist")
+    return [p]
+
+
+# ----------------------------------------------------------------------------------------------------------- jobs
+def _parse_set(values: list[str]) -> dict[str, Any]:
+    """``--set a.b=1 --set c=null`` -> nested dict with JSON-decoded values."""
+    out: dict[str, Any] = {}
+    for item in values or []:
+        if "=" not in item:
+            raise CLIError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        cur = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = val
+    return out
+
+
+def cmd_export_jobs(a: argparse.Namespace) -> int:
+    from fl_plugins.flare.job_builder import export_jobs
+
+    for p in export_jobs(a.out, a.names or None):
+        print(f"exported {p}")
+    return 0
+
+
+def cmd_list_jobs(a: argparse.Namespace) -> int:
+    from fl_plugins.flare.job_builder import JOBS
+
+    for name, spec in sorted(JOBS.items()):
+        print(f"{name:22s} {spec.description}")
+    return 0
+
+
+def init_workspace(ws: Path, data: str | None) -> None:
+    """Prepare a simulator workspace: class allow list + where each simulated site finds its datalist."""
+    from fl_plugins.flare.sim_workspace import write_sim_local
+
+    write_sim_local(ws, datalist_template=data)
+
+
+def cmd_init_workspace(a: argparse.Namespace) -> int:
+    ws = Path(a.workspace)
+    init_workspace(ws, _datalist_template(a.data))
+    print(f"prepared {ws / 'local'}; now run: nvflare simulator <job folder> -w {ws} -n <sites> -t <threads>")
+    return 0
+
+
+def _datalist_template(data: str | None) -> str | None:
+    if data is None:
+        return None
+    p = Path(data).resolve()
+    if p.is_dir():
+        if not any(p.glob("*/datalist.json")):
+            raise CLIError(f"data folder {str(p)!r} has no <site>/datalist.json (make one with 'flssl synth' or 'flssl split')")
+        return str(p / "{site}" / "datalist.json")
+    if "{site}" in str(data):
+        return str(data)
+    raise CLIError(f"--data must be a folder of <site>/datalist.json or a path with {{site}}, got {data!r}")
+
+
+_PROGRESS = re.compile(r"(Round \d+ started|Finished FedAvg|final validation|new best validation metric|ERROR|"
+                       r"cannot start|Traceback|system_panic|Error)")
+
+
+def run_simulator(job_dir: Path, ws: Path, n_sites: int, threads: int, log_path: Path, quiet: bool = False) -> int:
+    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job_dir), "-w", str(ws), "-n", str(n_sites),
+           "-t", str(threads)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if not quiet and _PROGRESS.search(line):
+                print(f"[{time.perf_counter() - t0:6.1f}s] {line.strip()[:200]}", flush=True)
+        rc = proc.wait()
+    return rc
+
+
+def sim_outputs(ws: Path) -> dict[str, Path]:
+    job_ws = ws / "server" / "simulate_job"
+    return {
+        "global_model": job_ws / "app_server" / "FL_global_model.pt",
+        "best_model": job_ws / "app_server" / "best_FL_global_model.pt",
+        "final_metrics": job_ws / "app_server" / "final_metrics.json",
+        "tensorboard": job_ws / "tb_events",
+        "log": ws / "server" / "log.txt",
+    }
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from fl_plugins.flare.job_builder import JOBS, build_job
+
+    ws = Path(a.workspace).resolve()
+    overrides = _parse_set(a.set)
+    if a.rounds is not None:
+        overrides.setdefault("fl", {})["num_rounds"] = a.rounds
+    overrides.setdefault("fl", {}).setdefault("min_clients", a.sites)
+    if a.pretrained:
+        pre = Path(a.pretrained).resolve()
+        if not pre.is_file():
+            raise CLIError(f"--pretrained {str(pre)!r} does not exist")
+        overrides.setdefault("model", {})["pretrained"] = str(pre)
+    if a.labelled is not None:
+        overrides["num_labelled_patients"] = a.labelled
+    template = _datalist_template(a.data)
+    for i in range(1, a.sites + 1):
+        dl = Path(template.replace("{site}", f"site-{i}")) if template else None
+        if dl is not None and not dl.is_file():
+            raise CLIError(f"simulated site site-{i} has no datalist at {str(dl)!r} (--data has fewer sites than "
+                           f"--sites={a.sites}?)")
+    if a.job in JOBS:
+        jobs_dir = ws.parent / (ws.name + "_job")
+        if jobs_dir.exists():
+            shutil.rmtree(jobs_dir)
+        try:
+            build_job(a.job, overrides).export_job(str(jobs_dir))
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"job {a.job!r}: {e}") from e
+        job_dir = jobs_dir / a.job
+    else:
+        job_dir = Path(a.job)
+        if not (job_dir / "meta.json").is_file():
+            raise CLIError(f"--job {a.job!r} is neither a registered job ({sorted(JOBS)}) nor a job folder with meta.json")
+        if overrides:
+            raise CLIError("--set/--rounds/--pretrained/--labelled apply to registered job names, not job folders")
+    if ws.exists() and a.clean:
+        shutil.rmtree(ws)
+    init_workspace(ws, template)
+    print(f"simulating {job_dir} with {a.sites} sites ({a.threads} threads); workspace {ws}")
+    t0 = time.perf_counter()
+    rc = run_simulator(job_dir, ws, a.sites, a.threads, ws / "simulate.log", quiet=a.quiet)
+    out = sim_outputs(ws)
+    print(f"simulator exited with {rc} after {time.perf_counter() - t0:.1f}s; full log: {ws / 'simulate.log'}")
+    for k, p in out.items():
+        print(f"  {k:14s} {p} {'' if p.exists() else '(missing)'}")
+    if out["final_metrics"].exists():
+        print(out["final_metrics"].read_text())
+    if rc != 0 or not out["global_model"].exists():
+        print("the run failed; see the errors above and the log", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- eval
+def _model_config_from(path: Path) -> dict[str, Any]:
+    """Find the persistor's model_config in a job folder, simulator workspace or downloaded job result."""
+    candidates = [path] if path.is_file() else sorted(path.rglob("config_fed_server.json"))
+    for c in candidates:
+        try:
+            cfg = json.loads(c.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for comp in cfg.get("components", []):
+            if comp.get("path", "").endswith("ConfigModelPersistor"):
+                return comp["args"]["model_config"]
+    raise CLIError(f"no ConfigModelPersistor model_config found under {str(path)!r}")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import torch
+
+    from fl_plugins.engine.evaluation import evaluate_sites
+
+    ckpt = Path(a.checkpoint)
+    if not ckpt.is_file():
+        raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
+    model_cfg = json.loads(a.model_config) if a.model_config else _model_config_from(Path(a.job or ckpt.parent.parent))
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    result = evaluate_sites(model_cfg, state, _datalists(a.data), split=a.split, image_size=a.image_size)
+    result["checkpoint"] = str(ckpt)
+    print(_format_result(result))
+    if a.out:
+        from fl_plugins.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(result, indent=2), a.out)
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _format_result(r: dict[str, Any]) -> str:
+    lines = [f"{r.get('metric', 'metric')} on split {r.get('split')!r} ({r.get('checkpoint', '')})"]
+    for site, m in r.get("sites", {}).items():
+        lines.append(f"  {site:12s} {m['mean']:.4f} ± {m['std']:.4f}  (n={m['n']})")
+    o = r.get("overall", {})
+    if o:
+        lines.append(f"  {'overall':12s} {o['mean']:.4f} ± {o['std']:.4f}  (n={o['n']})")
+    return "\n".join(lines)
+
+
+def cmd_results(a: argparse.Namespace) -> int:
+    rows = []
+    for f in a.files:
+        p = Path(f)
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CLIError(f"cannot read results file {str(p)!r}: {e}") from e
+        o = r.get("overall", {})
+        rows.append((r.get("label") or p.stem, r.get("metric", "?"), r.get("split", "?"), o.get("mean"), o.get("std"),
+                     o.get("n")))
+    w = max([len(r[0]) for r in rows] + [5])
+    print(f"{'run':{w}s}  metric      split  mean    std     n")
+    for name, metric, split, mean, std, n in rows:
+        ms = "-" if mean is None else f"{mean:.4f}"
+        ss = "-" if std is None else f"{std:.4f}"
+        print(f"{name:{w}s}  {metric:10s}  {split:5s}  {ms:6s}  {ss:6s}  {n}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate synthetic site data (NIfTI phantoms or 2D multi-task .npz)")
+    s.add_argument("--out", required=True, help="output folder; writes <out>/site-N/datalist.json")
+    s.add_argument("--sites", type=int, default=2)
+    s.add_argument("--task", choices=["segmentation", "classification"], default="segmentation")
+    s.add_argument("--volumes", type=int, default=6, help="volumes per site (segmentation)")
+    s.add_argument("--slices", type=int, default=12, help="slices per volume (segmentation)")
+    s.add_argument("--size", type=int, default=64, help="in-plane size in pixels")
+    s.add_argument("--labelled", type=int, default=None, help="labelled patients per site (default: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("split", help="split a real dataset (Decathlon dataset.json or MedMNIST .npz) into N sites")
+    s.add_argument("--dataset", required=True, help="path to dataset.json (Decathlon layout) or a MedMNIST .npz")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sites", type=int, required=True)
+    s.add_argument("--labelled", type=int, default=None, help="labelled patients per site kept for fine-tuning")
+    s.add_argument("--preset", default="mr", help="modality preset written to the datalists (mr, ct, unit)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_split)
+
+    s = sub.add_parser("check-data", help="validate site datalists and their files (NIfTI readable, labels, shapes)")
+    s.add_argument("datalist", help="a datalist.json or a folder of <site>/datalist.json")
+    s.set_defaults(fn=cmd_check_data)
+
+    s = sub.add_parser("jobs", help="list the ready jobs")
+    s.set_defaults(fn=cmd_list_jobs)
+
+    s = sub.add_parser("export-jobs", help="export registered jobs as FLARE job folders")
+    s.add_argument("--out", default="jobs")
+    s.add_argument("names", nargs="*")
+    s.set_defaults(fn=cmd_export_jobs)
+
+    s = sub.add_parser("init-workspace", help="prepare a simulator workspace (allow list + site data location)")
+    s.add_argument("--workspace", "-w", required=True)
+    s.add_argument("--data", help="folder of <site>/datalist.json (or a path template containing {site})")
+    s.set_defaults(fn=cmd_init_workspace)
+
+    s = sub.add_parser("simulate", help="run a job in the FLARE simulator with site data wired in")
+    s.add_argument("--job", required=True, help="registered job name (see 'flssl jobs') or a job folder")
+    s.add_argument("--data", required=True, help="folder of <site>/datalist.json")
+    s.add_argument("--workspace", "-w", required=True)
+    s.add_argument("--sites", "-n", type=int, default=2)
+    s.add_argument("--threads", "-t", type=int, default=2)
+    s.add_argument("--rounds", type=int, default=None)
+    s.add_argument("--labelled", type=int, default=None, help="labelled patients per site used for fine-tuning")
+    s.add_argument("--pretrained", default=None, help="pretrained backbone state_dict (ViT jobs)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job setting, e.g. --set trainer.steps_per_round=50 --set model.num_classes=4")
+    s.add_argument("--clean", action="store_true", help="delete the workspace first")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_simulate)
+
+    s = sub.add_parser("evaluate", help="evaluate a global checkpoint on held-out splits of site datalists")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True, help="a datalist.json or a folder of <site>/datalist.json")
+    s.add_argument("--split", default="test", choices=["training", "validation", "test"])
+    s.add_argument("--job", default=None, help="job folder / workspace holding the model config (default: next to "
+                   "the checkpoint)")
+    s.add_argument("--model-config", default=None, help="model config as JSON (overrides --job)")
+    s.add_argument("--image-size", type=int, default=None, help="default: the job's image size / 64")
+    s.add_argument("--out", default=None, help="write the result JSON here")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("results", help="print a table from result JSON files written by 'flssl evaluate --out'")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(fn=cmd_results)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except CLIError as e:
+        print(f"flssl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # DataError and config errors carry the file / setting name
+        print(f"flssl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Per-site datalists (see ``docs/contracts.md``): loading with schema checks and validating the files they list.
+
+:func:`load_datalist` checks the JSON schema and resolves relative paths against the datalist's folder;
+:func:`validate_datalist` checks that the listed data exists (and, with ``deep=True``, that it is readable and
+consistent). Both raise :class:`DataError` naming the file, the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_plugins.data.errors import DataError
+from fl_plugins.data.nifti import read_image, read_label
+from fl_plugins.data.presets import PRESETS
+
+__all__ = [
+    "DATALIST_NAME",
+    "FORMATS",
+    "TASKS",
+    "SECTIONS",
+    "MEDMNIST_SPLITS",
+    "load_datalist",
+    "validate_datalist",
+    "labelled_entries",
+    "write_datalist",
+]
+
+DATALIST_NAME = "datalist.json"  # <data folder>/<site>/datalist.json, written by `flssl synth` / `flssl split`
+FORMATS = ("decathlon", "medmnist")
+TASKS = ("segmentation", "classification")
+SECTIONS = ("training", "validation", "test")
+MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _resolve(value: Any, base: Path, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: expected a non-empty path string, got {value!r}")
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = base / p
+    return str(Path(p).resolve())
+
+
+def load_datalist(path: str | Path) -> dict[str, Any]:
+    """Load a site datalist, check its schema and resolve relative paths.
+
+    Args:
+        path: the datalist JSON file, or a folder holding ``datalist.json``.
+
+    Returns:
+        The datalist dict with ``validation``/``test`` defaulting to ``[]``, ``modality_preset`` defaulting to
+        ``"unit"``, every entry's ``image``/``label``/``npz`` made absolute, every training entry's ``labelled``
+        filled in (default: it has a ``label``), and ``datalist_path`` (absolute path of the file) added.
+
+    Raises:
+        DataError: missing/empty file, invalid JSON, or a schema violation (message names file, field, value).
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not any(p.iterdir()):
+            raise DataError(f"data folder {str(p)!r} is empty: expected {DATALIST_NAME} (make one with "
+                            f"'flssl synth' or 'flssl split')")
+        p = p / DATALIST_NAME
+    if not p.is_file():
+        raise DataError(f"datalist {str(p)!r} does not exist (make one with 'flssl synth' or 'flssl split')")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"datalist {str(p)!r} is empty")
+    try:
+        dl = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"datalist {str(p)!r} is not valid JSON: {e}") from e
+    if not isinstance(dl, dict):
+        raise DataError(f"datalist {str(p)!r}: top level must be a JSON object, got {type(dl).__name__}")
+    name = str(p)
+    for key in ("format", "task", "num_classes", "training"):
+        if key not in dl:
+            raise DataError(f"datalist {name!r}: required field {key!r} is missing")
+    if dl["format"] not in FORMATS:
+        raise DataError(f"datalist {name!r}: field 'format' = {dl['format']!r}, expected one of {list(FORMATS)}")
+    if dl["task"] not in TASKS:
+        raise DataError(f"datalist {name!r}: field 'task' = {dl['task']!r}, expected one of {list(TASKS)}")
+    if dl["format"] == "medmnist" and dl["task"] != "classification":
+        raise DataError(f"datalist {name!r}: format 'medmnist' supports task 'classification' only, "
+                        f"got task={dl['task']!r}")
+    if not _is_int(dl["num_classes"]) or dl["num_classes"] < 1:
+        raise DataError(f"datalist {name!r}: field 'num_classes' must be an integer >= 1, got {dl['num_classes']!r}")
+    dl.setdefault("modality_preset", "unit")
+    if dl["modality_preset"] not in PRESETS:
+        raise DataError(f"datalist {name!r}: field 'modality_preset' = {dl['modality_preset']!r}, "
+                        f"expected one of {sorted(PRESETS)}")
+    base = p.resolve().parent
+    for section in SECTIONS:
+        dl.setdefault(section, [])
+        entries = dl[section]
+        if not isinstance(entries, list):
+            raise DataError(f"datalist {name!r}: section {section!r} must be a list, got {type(entries).__name__}")
+        for i, e in enumerate(entries):
+            where = f"datalist {name!r}, {section}[{i}]"
+            if not isinstance(e, dict):
+                raise DataError(f"{where}: entry must be an object, got {e!r}")
+            _check_entry(e, dl, section, base, where)
+    dl["datalist_path"] = str(p.resolve())
+    return dl
+
+
+def _check_entry(e: dict[str, Any], dl: dict[str, Any], section: str, base: Path, where: str) -> None:
+    labelled = e.get("labelled", "label" in e)
+    if not isinstance(labelled, bool):
+        raise DataError(f"{where}: field 'labelled' must be true or false, got {labelled!r}")
+    if section == "training":
+        e["labelled"] = labelled
+    elif not labelled or "label" not in e:
+        raise DataError(f"{where}: {section} entries need a 'label' (they are used for evaluation)")
+    if labelled and "label" not in e:
+        raise DataError(f"{where}: entry is labelled but has no 'label' field")
+    if dl["format"] == "decathlon":
+        if "image" not in e:
+            raise DataError(f"{where}: required field 'image' is missing")
+        e["image"] = _resolve(e["image"], base, f"{where}, field 'image'")
+        if e.get("label") is not None:
+            e["label"] = _resolve(e["label"], base, f"{where}, field 'label'")
+        elif "label" in e:
+            raise DataError(f"{where}: field 'label' is null; omit it and set \"labelled\": false instead")
+    else:
+        for key in ("npz", "split", "index"):
+            if key not in e:
+                raise DataError(f"{where}: required field {key!r} is missing")
+        e["npz"] = _resolve(e["npz"], base, f"{where}, field 'npz'")
+        if e["split"] not in MEDMNIST_SPLITS:
+            raise DataError(f"{where}: field 'split' = {e['split']!r}, expected one of {list(MEDMNIST_SPLITS)}")
+        if not _is_int(e["index"]) or e["index"] < 0:
+            raise DataError(f"{where}: field 'index' must be an integer >= 0, got {e['index']!r}")
+        if "label" in e and (not _is_int(e["label"]) or not 0 <= e["label"] < dl["num_classes"]):
+            raise DataError(f"{where}: field 'label' = {e['label']!r} is not a class id in "
+                            f"range(num_classes={dl['num_classes']})")
+
+
+def labelled_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries usable for supervised training: ``labelled`` (default: has a label) and with a ``label``."""
+    return [e for e in entries if e.get("labelled", "label" in e) and e.get("label") is not None]
+
+
+def validate_datalist(
+    dl: dict[str, Any],
+    sections: tuple[str, ...] | list[str] = ("training", "validation"),
+    deep: bool = False,
+) -> dict[str, int]:
+    """Check that the data a loaded datalist lists is there (and, with ``deep``, readable and consistent).
+
+    Always: every requested section is non-empty; every data folder exists and is not empty; every image,
+    label and ``.npz`` file exists. With ``deep=True`` also: NIfTI files can be read (corrupt / truncated files
+    fail), label values lie in ``range(num_classes)``, image and label shapes agree; ``.npz`` files have the
+    ``{split}_images``/``{split}_labels`` keys and the indices and labels are in range.
+
+    Args:
+        dl: a datalist from :func:`load_datalist`.
+        sections: sections to check.
+        deep: also read every file (slow for big datasets: reads all voxels once).
+
+    Returns:
+        Number of entries per checked section.
+
+    Raises:
+        DataError: the first problem found; the message names the datalist, the file and the bad value.
+    """
+    name = dl.get("datalist_path", "<datalist>")
+    counts: dict[str, int] = {}
+    checked_dirs: set[Path] = set()
+    npz_cache: dict[str, Any] = {}
+    for section in sections:
+        if section not in SECTIONS:
+            raise DataError(f"unknown datalist section {section!r}; valid sections: {list(SECTIONS)}")
+        entries = dl.get(section) or []
+        if not entries:
+            raise DataError(f"datalist {name!r}: section {section!r} is empty (no entries)")
+        counts[section] = len(entries)
+        for i, e in enumerate(entries):
+            where = f"datalist {name!r}, {section}[{i}]"
+            keys = ("image", "label") if dl["format"] == "decathlon" else ("npz",)
+            for key in keys:
+                if e.get(key) is None:
+                    continue
+                f = Path(e[key])
+                folder = f.parent
+                if folder not in checked_dirs:
+                    if not folder.is_dir():
+                        raise DataError(f"{where}: data folder {str(folder)!r} (of {key} {f.name!r}) does not exist")
+                    if not any(folder.iterdir()):
+                        raise DataError(f"{where}: data folder {str(folder)!r} is empty")
+                    checked_dirs.add(folder)
+                if not f.is_file():
+                    raise DataError(f"{where}: {key} file {str(f)!r} does not exist")
+            if deep:
+                try:
+                    if dl["format"] == "decathlon":
+                        _deep_check_volume(e, int(dl["num_classes"]), where)
+                    else:
+                        _deep_check_medmnist(e, int(dl["num_classes"]), where, npz_cache)
+                except DataError as err:
+                    msg = str(err)
+                    raise (err if msg.startswith(where) else DataError(f"{where}: {msg}")) from err.__cause__
+    return counts
+
+
+def _deep_check_volume(e: dict[str, Any], num_classes: int, where: str) -> None:
+    image = read_image(e["image"])
+    if e.get("label") is None:
+        return
+    label = read_label(e["label"])
+    if image.shape != label.shape:
+        raise DataError(f"{where}: image {e['image']!r} has shape {image.shape} but label {e['label']!r} has shape "
+                        f"{label.shape}")
+    values = np.unique(label)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DataError(f"{where}: label file {e['label']!r} has values {bad[:10].tolist()} outside "
+                        f"range(num_classes={num_classes})")
+
+
+def _deep_check_medmnist(e: dict[str, Any], num_classes: int, where: str, cache: dict[str, Any]) -> None:
+    from fl_plugins.data.medmnist import load_npz
+
+    arrays = cache.get(e["npz"])
+    if arrays is None:
+        arrays = cache[e["npz"]] = load_npz(e["npz"])
+    split = e["split"]
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    if e["index"] >= len(images):
+        raise DataError(f"{where}: index {e['index']} out of range for {split}_images of {e['npz']!r} "
+                        f"({len(images)} images)")
+    lab = int(np.asarray(labels[e["index"]]).reshape(-1)[0])
+    if not 0 <= lab < num_classes:
+        raise DataError(f"{where}: {split}_labels[{e['index']}] = {lab} in {e['npz']!r} is outside "
+                        f"range(num_classes={num_classes})")
+
+
+def write_datalist(dl: dict[str, Any], path: str | Path) -> Path:
+    """Write a datalist as indented, key-sorted JSON (byte-identical for identical content).
+
+    ``datalist_path`` (added by :func:`load_datalist`) is not written.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    out = {k: v for k, v in dl.items() if k != "datalist_path"}
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(p)
+    return p

@@ -1,0 +1,191 @@
+"""Evaluation metrics: per-volume Dice (MONAI) for slice-wise segmentation, accuracy for classification.
+
+Segmentation (methods-spec 8.2: "Dice per class per volume (background excluded), mean over volumes"):
+
+* slice predictions are grouped by the item's ``volume_id`` and stacked in ``slice_index`` order into a volume
+  ``[H, W, D]`` (the contract's slice axis is the last one); items without a ``volume_id`` count as one-slice
+  volumes. Dice is therefore computed **at the model's (resized) slice resolution S x S**, not at the native
+  voxel grid -- resizing labels back is left to a separate native-resolution evaluation.
+* per volume and foreground class, ``monai.metrics.compute_dice`` on MONAI one-hot maps with
+  ``include_background=False``.
+* empty classes follow MONAI's ``ignore_empty`` (default True, MONAI's own default): when a class is absent from
+  a volume's ground truth its Dice is NaN (whatever the prediction -- false positives on such a volume are not
+  penalised) and NaNs are skipped in every mean. With ``ignore_empty=False`` the class scores 1.0 when absent from
+  both prediction and ground truth and 0.0 when only predicted.
+* ``dice_per_class[c]`` = NaN-skipping mean over volumes; ``dice`` = NaN-skipping mean of ``dice_per_class``
+  (the mean over classes and volumes); ``per_volume[v]`` = NaN-skipping mean over the classes of volume ``v``
+  (for mean +- sd over patients). A value is NaN only when every contributing entry is NaN.
+
+Classification: top-1 accuracy over items.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+
+__all__ = ["dice_per_class", "accuracy", "SegmentationMetric", "ClassificationMetric"]
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_empty: bool = True) -> torch.Tensor:
+    """Dice of each foreground class for one volume (or one image).
+
+    Args:
+        pred: predicted label map, integer, any spatial shape (e.g. ``[H, W, D]`` or ``[H, W]``).
+        target: ground-truth label map, same shape as ``pred``.
+        num_classes: number of classes including background (label 0).
+        ignore_empty: MONAI ``ignore_empty`` (see module docstring).
+
+    Returns:
+        float tensor ``[num_classes - 1]`` (classes 1..K-1), NaN where ignored.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
+    for name, t in (("prediction", pred), ("label", target)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} values must be in [0, {num_classes - 1}], got [{int(t.min())}, {int(t.max())}]")
+    p = one_hot(pred.long().reshape(1, 1, *pred.shape), num_classes)  # [1, K, *spatial]
+    y = one_hot(target.long().reshape(1, 1, *target.shape), num_classes)
+    return compute_dice(p, y, include_background=False, ignore_empty=ignore_empty)[0].float()
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 accuracy.
+
+    Args:
+        pred: logits ``[B, K]`` or predicted labels ``[B]``.
+        target: labels ``[B]``.
+
+    Returns:
+        fraction of correct predictions (NaN for an empty batch).
+    """
+    if pred.ndim == 2:
+        pred = pred.argmax(dim=1)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
+    if target.numel() == 0:
+        return float("nan")
+    return float((pred.long() == target.long()).float().mean())
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+class SegmentationMetric:
+    """Accumulates slice predictions and computes per-volume Dice (see module docstring).
+
+    Args:
+        num_classes: number of classes including background.
+        ignore_empty: MONAI ``ignore_empty`` semantics for classes absent from a volume's ground truth.
+    """
+
+    def __init__(self, num_classes: int, ignore_empty: bool = True) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_empty = ignore_empty
+        self._slices: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._anon = 0
+
+    def reset(self) -> None:
+        """Forget every accumulated slice."""
+        self._slices.clear()
+        self._anon = 0
+
+    def update(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        volume_ids: Sequence[str] | None = None,
+        slice_indices: Sequence[int] | None = None,
+    ) -> None:
+        """Add a batch of slices.
+
+        Args:
+            pred: predicted labels ``[B, H, W]`` (integer; take ``logits.argmax(1)``).
+            target: labels ``[B, H, W]``.
+            volume_ids: volume of each slice (None: every slice is its own volume).
+            slice_indices: position of each slice in its volume (required with ``volume_ids``).
+        """
+        if pred.shape != target.shape or pred.ndim != 3:
+            raise ValueError(f"expected pred and target [B, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}")
+        b = pred.shape[0]
+        if volume_ids is None:
+            volume_ids = [f"__item{self._anon + i}" for i in range(b)]
+            slice_indices = [0] * b
+            self._anon += b
+        if slice_indices is None or len(volume_ids) != b or len(slice_indices) != b:
+            raise ValueError("volume_ids and slice_indices must both be given, one per slice")
+        dtype = torch.uint8 if self.num_classes <= 256 else torch.int64
+        for i in range(b):
+            vid, si = str(volume_ids[i]), int(slice_indices[i])
+            vol = self._slices.setdefault(vid, {})
+            if si in vol:
+                raise ValueError(f"slice {si} of volume {vid!r} was given twice")
+            vol[si] = (pred[i].detach().to("cpu", dtype), target[i].detach().to("cpu", dtype))
+
+    def volume_dice(self) -> dict[str, list[float]]:
+        """Dice per foreground class of every accumulated volume (NaN where ignored), by volume id."""
+        out = {}
+        for vid, vol in self._slices.items():
+            order = sorted(vol)
+            p = torch.stack([vol[s][0] for s in order], dim=-1)  # [H, W, D]
+            y = torch.stack([vol[s][1] for s in order], dim=-1)
+            out[vid] = dice_per_class(p, y, self.num_classes, self.ignore_empty).tolist()
+        return out
+
+    def compute(self) -> dict:
+        """Aggregate.
+
+        Returns:
+            ``{"dice": float, "dice_per_class": [K-1 floats], "per_volume": {volume_id: float},
+            "num_volumes": int}``; NaN-skipping means as documented in the module docstring.
+        """
+        per_vol = self.volume_dice()
+        k = self.num_classes - 1
+        per_class = [_nanmean([d[c] for d in per_vol.values()]) for c in range(k)]
+        return {
+            "dice": _nanmean(per_class),
+            "dice_per_class": per_class,
+            "per_volume": {vid: _nanmean(d) for vid, d in per_vol.items()},
+            "num_volumes": len(per_vol),
+        }
+
+
+class ClassificationMetric:
+    """Accumulates predictions and computes top-1 accuracy."""
+
+    def __init__(self) -> None:
+        self._correct: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        """Forget every accumulated prediction."""
+        self._correct.clear()
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            pred: logits ``[B, K]`` or predicted labels ``[B]``.
+            target: labels ``[B]``.
+        """
+        if pred.ndim == 2:
+            pred = pred.argmax(dim=1)
+        if pred.shape != target.reshape(-1).shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
+        self._correct.append((pred.long().cpu() == target.reshape(-1).long().cpu()).to(torch.uint8))
+
+    def compute(self) -> dict:
+        """Returns ``{"accuracy": float (NaN if empty), "num_samples": int, "per_sample": [0/1 ...]}``."""
+        c = torch.cat(self._correct) if self._correct else torch.zeros(0, dtype=torch.uint8)
+        return {
+            "accuracy": float(c.float().mean()) if c.numel() else float("nan"),
+            "num_samples": int(c.numel()),
+            "per_sample": c.tolist(),
+        }

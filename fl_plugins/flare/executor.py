@@ -1,0 +1,112 @@
+"""A thin FLARE ``Executor`` that resolves the site's data and dispatches tasks to a pure task handler.
+
+Why a raw ``Executor`` rather than a Client API script: provisioned hospital sites load it from the installed
+``fl_plugins`` package, so jobs carry no code and need no bring-your-own-code permission (the site only
+allow-lists the ``fl_plugins.`` prefix). All logic lives in the handler (see :mod:`fl_plugins.flare.handler`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from fl_plugins.flare.handler import SiteContext, TaskHandler
+
+__all__ = ["HandlerExecutor"]
+
+
+class HandlerExecutor(Executor):
+    """Base class: subclasses implement :meth:`build_handler` (and store their constructor args as attributes
+    named like the arguments, so FLARE's job export keeps them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handler: TaskHandler | None = None
+        self._tasks: dict = {}
+        self._engine = None
+        self._site_ctx: SiteContext | None = None
+
+    # -- to implement ---------------------------------------------------------------------------------------------
+    def build_handler(self, site: SiteContext) -> TaskHandler:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- FLARE plumbing ---------------------------------------------------------------------------------------------
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self._engine = fl_ctx.get_engine()
+            try:
+                self._setup(fl_ctx)
+            except Exception as e:  # bad data / config: stop the job before any training, with the reason
+                msg = f"{type(self).__name__} on site {fl_ctx.get_identity_name()!r} cannot start: {e}"
+                self.log_error(fl_ctx, msg)
+                self.system_panic(reason=msg, fl_ctx=fl_ctx)
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        from fl_plugins.data.site_config import resolve_datalist
+
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        datalist = resolve_datalist(site, workspace.get_site_config_dir())
+        run_dir = workspace.get_run_dir(fl_ctx.get_job_id())
+        out_dir = os.path.join(run_dir, "fl_plugins")
+        os.makedirs(out_dir, exist_ok=True)
+        self._site_ctx = SiteContext(
+            site_name=site,
+            datalist_path=str(datalist),
+            workspace_dir=out_dir,
+            log_scalar=self._log_scalar,
+        )
+        t0 = time.perf_counter()
+        self._handler = self.build_handler(self._site_ctx)
+        self._tasks = self._handler.tasks()
+        self.log_info(
+            fl_ctx,
+            f"site {site}: datalist {datalist} loaded and validated in {time.perf_counter() - t0:.1f}s; "
+            f"tasks {sorted(self._tasks)}",
+        )
+
+    def _log_scalar(self, tag: str, value: float, step: int) -> None:
+        """Stream one scalar to the server's TensorBoard (needs ConvertToFedEvent on the client)."""
+        if self._engine is None:
+            return
+        dxo = create_analytic_dxo(
+            tag=tag, value=float(value), data_type=AnalyticsDataType.SCALAR, writer=LogWriterName.TORCH_TB,
+            global_step=int(step),
+        )
+        with self._engine.new_context() as fl_ctx:
+            send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self._handler is None:
+            self.log_error(fl_ctx, "task received but the site failed to start (see the error above)")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        fn = self._tasks.get(task_name)
+        if fn is None:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {sorted(self._tasks)}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            model_in = FLModelUtils.from_shareable(shareable)
+            t0 = time.perf_counter()
+            model_out = fn(model_in)
+            self.log_info(fl_ctx, f"task {task_name!r} done in {time.perf_counter() - t0:.2f}s")
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            return FLModelUtils.to_shareable(model_out)
+        except Exception as e:
+            self.log_error(fl_ctx, f"task {task_name!r} failed: {e}\n{traceback.format_exc()}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def get_handler(self) -> Any:
+        return self._handler
