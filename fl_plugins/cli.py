@@ -177,6 +177,22 @@ def sim_outputs(ws: Path) -> dict[str, Path]:
     }
 
 
+def _preflight_sites(template: str | None, n_sites: int) -> None:
+    """Check every simulated site's datalist (files exist, NIfTI readable, labels, shapes) before FLARE starts."""
+    from fl_plugins.data import load_datalist, validate_datalist
+
+    if template is None:
+        return
+    t0 = time.perf_counter()
+    for i in range(1, n_sites + 1):
+        dl_path = Path(template.replace("{site}", f"site-{i}"))
+        if not dl_path.is_file():
+            raise CLIError(f"simulated site site-{i} has no datalist at {str(dl_path)!r} (--data has fewer sites "
+                           f"than --sites={n_sites}?)")
+        validate_datalist(load_datalist(dl_path), sections=("training", "validation"), deep=True)
+    print(f"site data checked ({n_sites} sites) in {time.perf_counter() - t0:.1f}s")
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
     from fl_plugins.flare.job_builder import JOBS, build_job
 
@@ -193,11 +209,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if a.labelled is not None:
         overrides["num_labelled_patients"] = a.labelled
     template = _datalist_template(a.data)
-    for i in range(1, a.sites + 1):
-        dl = Path(template.replace("{site}", f"site-{i}")) if template else None
-        if dl is not None and not dl.is_file():
-            raise CLIError(f"simulated site site-{i} has no datalist at {str(dl)!r} (--data has fewer sites than "
-                           f"--sites={a.sites}?)")
+    _preflight_sites(template, a.sites)
     if a.job in JOBS:
         jobs_dir = ws.parent / (ws.name + "_job")
         if jobs_dir.exists():

@@ -37,6 +37,7 @@ class HandlerExecutor(Executor):
         self._tasks: dict = {}
         self._engine = None
         self._site_ctx: SiteContext | None = None
+        self._setup_error: str | None = None
 
     # -- to implement ---------------------------------------------------------------------------------------------
     def build_handler(self, site: SiteContext) -> TaskHandler:  # pragma: no cover - abstract
@@ -48,10 +49,12 @@ class HandlerExecutor(Executor):
             self._engine = fl_ctx.get_engine()
             try:
                 self._setup(fl_ctx)
-            except Exception as e:  # bad data / config: stop the job before any training, with the reason
-                msg = f"{type(self).__name__} on site {fl_ctx.get_identity_name()!r} cannot start: {e}"
-                self.log_error(fl_ctx, msg)
-                self.system_panic(reason=msg, fl_ctx=fl_ctx)
+            except Exception as e:  # bad data / config: no training happens on this site
+                # The reason is logged now and the site answers its first task with EXECUTION_EXCEPTION, which makes
+                # the server abort the job ("Result from <site> is bad"). A system_panic here would only stop this
+                # site's runner and leave the server waiting for its result (observed with nvflare 2.9).
+                self._setup_error = f"{type(self).__name__} on site {fl_ctx.get_identity_name()!r} cannot start: {e}"
+                self.log_error(fl_ctx, self._setup_error)
 
     def _setup(self, fl_ctx: FLContext) -> None:
         from fl_plugins.data.site_config import resolve_datalist
@@ -90,7 +93,7 @@ class HandlerExecutor(Executor):
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._handler is None:
-            self.log_error(fl_ctx, "task received but the site failed to start (see the error above)")
+            self.log_error(fl_ctx, f"refusing task {task_name!r}: {self._setup_error or 'the site failed to start'}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         fn = self._tasks.get(task_name)
         if fn is None:

@@ -79,6 +79,12 @@ class FinetuneHandler:
         self.site = site
         cfg = dict(trainer)
         cfg.setdefault("total_steps", int(cfg.get("steps_per_round", 1)) * max(1, int(total_rounds)))
+        model = dict(model)
+        if model.get("pretrained") and not model.get("freeze_backbone", False):
+            # The server's persistor loads the pretrained backbone into the initial global model and round 0
+            # overwrites every site's weights with it, so sites need not have the file. A frozen backbone never
+            # crosses the wire: then each site loads it from the same path (see docs).
+            model["pretrained"] = None
         cfg["model"] = model
         self.config = FinetuneConfig.from_dict(cfg)
         dl = load_datalist(site.datalist_path)

@@ -143,7 +143,7 @@ def _non_federated(model_cfg: dict[str, Any]) -> str:
     return non_federated_regex(build_model(cfg)) or NON_FEDERATED_BUFFERS
 
 
-_SEG_TRAINER = {"lr": 1e-3, "batch_size": 8, "steps_per_round": 20}
+_SEG_TRAINER = {"lr": 1e-3, "batch_size": 8, "steps_per_round": 10}  # CPU quickstart size; raise for real runs
 _VIT = {"name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "in_chans": 1, "depth": 6}
 
 JOBS: dict[str, JobSpec] = {
@@ -185,7 +185,7 @@ JOBS: dict[str, JobSpec] = {
                 "backbone": dict(_VIT, img_size=32, patch_size=4),
                 "pretrained": None,
             },
-            "trainer": {"task": "classification", "lr": 5e-4, "batch_size": 16, "steps_per_round": 20},
+            "trainer": {"task": "classification", "lr": 5e-4, "batch_size": 16, "steps_per_round": 10},
             "image_size": 32,
             "num_labelled_patients": None,
         },

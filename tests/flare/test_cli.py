@@ -1,0 +1,56 @@
+"""flssl commands: errors name the file or setting and exit 2; happy paths print what they did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_plugins.cli import _parse_set, main
+
+
+def test_synth_then_check_data(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "d"), "--sites", "2", "--volumes", "3", "--slices", "4",
+                 "--size", "16"]) == 0
+    assert main(["check-data", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("OK ") == 2 and "site-2/datalist.json" in out
+
+
+def test_check_data_names_missing_file(tmp_path, capsys):
+    main(["synth", "--out", str(tmp_path / "d"), "--sites", "1", "--volumes", "3", "--slices", "4", "--size", "16"])
+    p = tmp_path / "d" / "site-1" / "datalist.json"
+    dl = json.loads(p.read_text())
+    dl["validation"][0]["label"] = "labels/gone.nii.gz"
+    p.write_text(json.dumps(dl))
+    assert main(["check-data", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "gone.nii.gz" in err and "datalist.json" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["check-data", "/nonexistent/dl.json"], "/nonexistent/dl.json"),
+    (["simulate", "--job", "finetune_seg_unet", "--data", "/nonexistent_dir", "-w", "/tmp/x"], "nonexistent_dir"),
+    (["simulate", "--job", "no_such_job", "--data", "{data}", "-w", "{ws}"], "no_such_job"),
+    (["simulate", "--job", "finetune_seg_unet", "--data", "{data}", "-w", "{ws}", "--sites", "3"], "site-3"),
+    (["simulate", "--job", "finetune_seg_unet", "--data", "{data}", "-w", "{ws}", "--set", "fl.rounds=2"],
+     "fl.rounds"),
+    (["simulate", "--job", "finetune_seg_vit", "--data", "{data}", "-w", "{ws}", "--pretrained", "/no/ckpt.pt"],
+     "/no/ckpt.pt"),
+    (["evaluate", "--checkpoint", "/no/model.pt", "--data", "{data}"], "/no/model.pt"),
+])
+def test_bad_arguments_exit_2_with_the_bad_value(synth_seg_data, tmp_path, capsys, argv, match):
+    argv = [a.replace("{data}", str(synth_seg_data)).replace("{ws}", str(tmp_path / "ws")) for a in argv]
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_parse_set_nested_json_values():
+    assert _parse_set(["a.b=1", "a.c=null", "d=x", "e=[1,2]"]) == {"a": {"b": 1, "c": None}, "d": "x", "e": [1, 2]}
+
+
+def test_results_table(tmp_path, capsys):
+    r = {"metric": "dice", "split": "test", "overall": {"mean": 0.5, "std": 0.1, "n": 4}, "label": "unet"}
+    (tmp_path / "a.json").write_text(json.dumps(r))
+    assert main(["results", str(tmp_path / "a.json")]) == 0
+    assert "unet" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""Job export: what each shipped job folder contains, that it carries no code, and that jobs/ matches the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from fl_plugins.flare.job_builder import JOBS, build_job, export_jobs, job_names, job_settings
+from fl_plugins.flare.sim_workspace import write_sim_local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _paths(node) -> list[str]:
+    """Every component class path in a config, nested ones included (nvflare checks those too)."""
+    out = []
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str) and "." in node["path"] and "args" in node:
+            out.append(node["path"])
+        for v in node.values():
+            out += _paths(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _paths(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("jobs")
+    export_jobs(out)
+    return out
+
+
+@pytest.mark.parametrize("name", job_names())
+def test_job_has_no_custom_code_and_only_allowed_classes(exported, name):
+    job = exported / name
+    assert not (job / "app" / "custom").exists()  # no BYOC: sites need fl_plugins installed, not the byoc right
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app": ["@ALL"]}
+    for side in ("server", "client"):
+        cfg = json.loads((job / "app" / "config" / f"config_fed_{side}.json").read_text())
+        for p in _paths(cfg):
+            assert p.startswith("fl_plugins.") or p in DEFAULT_CLASS_ALLOW_LIST, f"{name}/{side}: {p} not allowed"
+
+
+@pytest.mark.parametrize("name", job_names())
+def test_job_server_config(exported, name):
+    cfg = json.loads((exported / name / "app" / "config" / "config_fed_server.json").read_text())
+    assert cfg["server"]["task_request_interval"] == 0.1
+    (wf,) = cfg["workflows"]
+    assert wf["path"] == "fl_plugins.flare.controllers.FedAvgWithFinalValidation"
+    assert wf["args"]["task_check_period"] == 0.05 and wf["args"]["num_rounds"] == 2
+    comps = {c["id"]: c for c in cfg["components"]}
+    assert set(comps) == {"persistor", "model_selector", "tb_receiver"}
+    assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
+    assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
+    # args equal to their defaults are not exported (IntimeModelSelector defaults to "val_accuracy")
+    assert comps["model_selector"]["args"].get("key_metric", "val_accuracy") == JOBS[name].defaults["fl"]["key_metric"]
+
+
+@pytest.mark.parametrize("name", job_names())
+def test_job_client_config(exported, name):
+    cfg = json.loads((exported / name / "app" / "config" / "config_fed_client.json").read_text())
+    (ex,) = cfg["executors"]
+    assert ex["tasks"] == ["train", "validate", "submit_model"]
+    assert ex["executor"]["path"] == "fl_plugins.flare.finetune_executor.FinetuneExecutor"
+    assert ex["executor"]["args"]["model"] == JOBS[name].defaults["model"]
+    assert [c["path"] for c in cfg["components"]] == ["nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent"]
+
+
+@pytest.mark.parametrize("name", job_names())
+def test_shipped_jobs_folder_matches_registry(exported, name):
+    """jobs/<name> is an export of the registry; regenerate with `flssl export-jobs --out jobs`."""
+    for f in sorted((exported / name).rglob("*.json")):
+        rel = f.relative_to(exported)
+        shipped = REPO / "jobs" / rel
+        assert shipped.exists(), f"jobs/{rel} missing: run `flssl export-jobs --out jobs`"
+        assert json.loads(shipped.read_text()) == json.loads(f.read_text()), f"jobs/{rel} is stale"
+
+
+def test_overrides_are_applied_and_unknown_keys_rejected():
+    s = job_settings("finetune_seg_unet", {"fl": {"num_rounds": 7}, "trainer": {"steps_per_round": 3}})
+    assert s["fl"]["num_rounds"] == 7 and s["trainer"]["steps_per_round"] == 3 and s["trainer"]["batch_size"] == 8
+    with pytest.raises(ValueError, match=r"unknown job setting 'fl.rounds'"):
+        build_job("finetune_seg_unet", {"fl": {"rounds": 3}})
+    with pytest.raises(ValueError, match="unknown job 'nope'"):
+        build_job("nope")
+    with pytest.raises(ValueError, match="num_rounds must be >= 1, got 0"):
+        build_job("finetune_seg_unet", {"fl": {"num_rounds": 0}})
+
+
+def test_sim_workspace_allow_list_and_site_config(tmp_path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "resources.json").write_text(json.dumps({"keep_me": 1}))
+    write_sim_local(tmp_path, "/data/{site}/datalist.json")
+    write_sim_local(tmp_path, "/data/{site}/datalist.json")  # idempotent
+    res = json.loads((tmp_path / "local" / "resources.json").read_text())
+    assert res["keep_me"] == 1
+    assert res["class_allow_list"] == list(DEFAULT_CLASS_ALLOW_LIST) + ["fl_plugins."]
+    site = json.loads((tmp_path / "local" / "fl_plugins_site.json").read_text())
+    assert site == {"datalist": "/data/{site}/datalist.json"}
