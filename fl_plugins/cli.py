@@ -290,6 +290,36 @@ def _format_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_export_backbone(a: argparse.Namespace) -> int:
+    import torch
+
+    from fl_plugins.engine.export import export_backbone
+    from fl_plugins.models.factory import build_model
+
+    ckpt = Path(a.checkpoint)
+    if not ckpt.is_file():
+        raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
+    model_cfg = _model_config_from(Path(a.job or ckpt.parent.parent))
+    if model_cfg.get("arch") != "dino":
+        raise CLIError(f"{str(ckpt)!r} is not a DINO/DINOv2 checkpoint (model arch {model_cfg.get('arch')!r})")
+    method = build_model(model_cfg)
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = obj.get("model", obj)
+    missing = [k for k in method.state_dict() if k.startswith(a.which + ".backbone.") and k not in state]
+    if missing:
+        raise CLIError(f"{str(ckpt)!r} has no {a.which} backbone (federation mode without the {a.which}?): "
+                       f"missing {missing[:3]}")
+    method.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    out = export_backbone(method, a.out, which=a.which)
+    spec = method.config.backbone
+    print(f"wrote the {a.which} backbone to {out}")
+    print(f"fine-tune from it: flssl simulate --job finetune_seg_vit --pretrained {out} "
+          f"--set 'model.backbone={json.dumps(spec.to_dict())}' ...")
+    print(f"load it in timm: timm.create_model({spec.name!r}, pretrained=True, pretrained_cfg_overlay={{'file': "
+          f"{str(out)!r}}}, **{spec.timm_kwargs()})")
+    return 0
+
+
 def cmd_results(a: argparse.Namespace) -> int:
     rows = []
     for f in a.files:
@@ -377,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=None, help="default: the job's image size / 64")
     s.add_argument("--out", default=None, help="write the result JSON here")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("export-backbone", help="write the ViT backbone of a DINO/DINOv2 global checkpoint for "
+                       "fine-tuning (timm-loadable state_dict)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="DINO's recommended evaluation weights are the teacher's (methods-spec 2.7)")
+    s.add_argument("--job", default=None, help="job folder / workspace holding the model config")
+    s.set_defaults(fn=cmd_export_backbone)
 
     s = sub.add_parser("results", help="print a table from result JSON files written by 'flssl evaluate --out'")
     s.add_argument("files", nargs="+")

@@ -31,6 +31,9 @@ __all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs",
 #: not a statistic; averaging it is meaningless (see fl_plugins.engine.finetune's state taxonomy).
 NON_FEDERATED_BUFFERS = r".*num_batches_tracked$"
 
+#: Weight transfer formats: float32 (None) or nvflare's quantization filters (need bitsandbytes on every party).
+QUANTIZATION_TYPES = (None, "float16", "blockwise8")
+
 #: Task names every fine-tuning / pretraining executor handles.
 TRAIN_TASKS = ["train", "validate", "submit_model"]
 
@@ -44,8 +47,11 @@ class FLSettings:
     task_request_interval: float = 0.1  # s; nvflare default 2.0 s costs ~2 s per round (nvflare-notes 5b)
     task_check_period: float = 0.05  # s; nvflare default 0.5 s
     key_metric: str = "val_dice"
+    quantization: str | None = None  # None (float32) | "float16" | "blockwise8": FLARE's ModelQuantizer filters
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_TYPES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_TYPES}, got {self.quantization!r}")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.min_clients < 1:
@@ -87,7 +93,21 @@ def build_fedavg_job(
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
     job.to_clients(executor, tasks=TRAIN_TASKS)
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
+    if fl.quantization:
+        _add_quantization(job, fl.quantization)
     return job
+
+
+def _add_quantization(job: FedJob, kind: str) -> None:
+    """Quantize weights on the way out and dequantize on the way in, both directions (nvflare's own filters)."""
+    from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
+    from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+    from nvflare.job_config.defs import FilterType
+
+    job.to_server(ModelQuantizer(quantization_type=kind), filter_type=FilterType.TASK_DATA, tasks=["train"])
+    job.to_server(ModelDequantizer(), filter_type=FilterType.TASK_RESULT, tasks=["train"])
+    job.to_clients(ModelDequantizer(), filter_type=FilterType.TASK_DATA, tasks=["train"])
+    job.to_clients(ModelQuantizer(quantization_type=kind), filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,6 +122,15 @@ class JobSpec:
     defaults: dict[str, Any]
     builder: Callable[[str, dict[str, Any]], FedJob]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Every FLSettings field is a known ``fl.*`` setting of every job (values: the job's, else FLSettings')."""
+    from dataclasses import asdict
+
+    out = copy.deepcopy(defaults)
+    out["fl"] = {**asdict(FLSettings()), **defaults.get("fl", {})}
+    return out
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -203,14 +232,14 @@ def build_job(name: str, overrides: dict[str, Any] | None = None) -> FedJob:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
     spec = JOBS[name]
-    settings = _merge(spec.defaults, overrides or {})
+    settings = _merge(_with_fl_defaults(spec.defaults), overrides or {})
     return spec.builder(name, settings)
 
 
 def job_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
-    return _merge(JOBS[name].defaults, overrides or {})
+    return _merge(_with_fl_defaults(JOBS[name].defaults), overrides or {})
 
 
 def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -221,3 +250,44 @@ def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Pat
         build_job(n).export_job(str(out))
         paths.append(out / n)
     return paths
+
+
+def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
+    from fl_plugins.flare.dino_executor import MODE_EXCLUDE_REGEX, DinoExecutor
+
+    fl = FLSettings(**s["fl"])
+    dino = dict(s["dino"])
+    dino.setdefault("total_steps", s["steps_per_round"] * fl.num_rounds)
+    executor = DinoExecutor(
+        dino=dino, steps_per_round=s["steps_per_round"], total_rounds=fl.num_rounds, knn_every=s["knn_every"],
+        knn_max_items=s["knn_max_items"],
+    )
+    mode = dino.get("federation_mode", "A")
+    return build_fedavg_job(name, executor, {"arch": "dino", "config": dino}, fl, exclude_vars=MODE_EXCLUDE_REGEX[mode])
+
+
+_DINO = {
+    "backbone": dict(_VIT),
+    "batch_size": 16,
+    "out_dim": 1024,  # K = 1024 at CPU scale (methods-spec 2.7 / 9.3)
+    "hidden_dim": 512,  # [R] CPU scale (2048 [V])
+    "bottleneck_dim": 128,  # [R] CPU scale (256 [V])
+    "local_crop_size": 32,
+    "n_local_crops": 4,
+    "federation_mode": "A",
+}
+
+for _variant in ("dino", "dinov2"):
+    JOBS[f"{_variant}_pretrain"] = JobSpec(
+        name=f"{_variant}_pretrain",
+        description=f"Federated {'DINO' if _variant == 'dino' else 'DINOv2 (iBOT + KoLeo)'} pretraining of a timm "
+        "ViT on unlabelled images, FedAvg (mode A), k-NN monitor",
+        defaults={
+            "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": "knn_accuracy"},
+            "dino": dict(_DINO, variant=_variant),
+            "steps_per_round": 5,
+            "knn_every": 1,
+            "knn_max_items": 256,
+        },
+        builder=_dino_builder,
+    )

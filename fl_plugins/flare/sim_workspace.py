@@ -21,7 +21,9 @@ from fl_plugins.engine.checkpoint import atomic_write_text
 
 __all__ = ["SIM_CLASS_ALLOW_PREFIXES", "write_sim_local"]
 
-SIM_CLASS_ALLOW_PREFIXES = ["fl_plugins."]
+#: our package, plus nvflare's quantization filters (used by jobs built with ``fl.quantization``), which are not in
+#: nvflare's default list
+SIM_CLASS_ALLOW_PREFIXES = ["fl_plugins.", "nvflare.app_opt.pt.quantization."]
 
 
 def write_sim_local(workspace: str | Path, datalist_template: str | None = None) -> Path:

@@ -56,8 +56,13 @@ def test_job_server_config(exported, name):
     assert wf["args"]["task_check_period"] == 0.05 and wf["args"]["num_rounds"] == 2
     comps = {c["id"]: c for c in cfg["components"]}
     assert set(comps) == {"persistor", "model_selector", "tb_receiver"}
-    assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
-    assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
+    if name.startswith("finetune"):
+        assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
+        assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
+    else:  # DINO: the global model is the DINOMethod; mode A federates every key (nothing excluded)
+        cfg_dino = comps["persistor"]["args"]["model_config"]
+        assert cfg_dino["arch"] == "dino" and cfg_dino["config"]["federation_mode"] == "A"
+        assert "exclude_regex" not in comps["persistor"]["args"]
     # args equal to their defaults are not exported (IntimeModelSelector defaults to "val_accuracy")
     assert comps["model_selector"]["args"].get("key_metric", "val_accuracy") == JOBS[name].defaults["fl"]["key_metric"]
 
@@ -67,8 +72,14 @@ def test_job_client_config(exported, name):
     cfg = json.loads((exported / name / "app" / "config" / "config_fed_client.json").read_text())
     (ex,) = cfg["executors"]
     assert ex["tasks"] == ["train", "validate", "submit_model"]
-    assert ex["executor"]["path"] == "fl_plugins.flare.finetune_executor.FinetuneExecutor"
-    assert ex["executor"]["args"]["model"] == JOBS[name].defaults["model"]
+    if name.startswith("finetune"):
+        assert ex["executor"]["path"] == "fl_plugins.flare.finetune_executor.FinetuneExecutor"
+        assert ex["executor"]["args"]["model"] == JOBS[name].defaults["model"]
+    else:
+        assert ex["executor"]["path"] == "fl_plugins.flare.dino_executor.DinoExecutor"
+        server = json.loads((exported / name / "app" / "config" / "config_fed_server.json").read_text())
+        persistor = next(c for c in server["components"] if c["id"] == "persistor")
+        assert ex["executor"]["args"]["dino"] == persistor["args"]["model_config"]["config"]  # one config, both sides
     assert [c["path"] for c in cfg["components"]] == ["nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent"]
 
 
@@ -93,6 +104,21 @@ def test_overrides_are_applied_and_unknown_keys_rejected():
         build_job("finetune_seg_unet", {"fl": {"num_rounds": 0}})
 
 
+@pytest.mark.parametrize("kind", ["float16", "blockwise8"])
+def test_quantized_transfer_adds_filters_both_ways(tmp_path, kind):
+    build_job("dino_pretrain", {"fl": {"quantization": kind}}).export_job(str(tmp_path))
+    cfg = {side: json.loads((tmp_path / "dino_pretrain/app/config" / f"config_fed_{side}.json").read_text())
+           for side in ("server", "client")}
+    q, dq = "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer", \
+        "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer"
+    assert [f["path"] for f in cfg["server"]["task_data_filters"][0]["filters"]] == [q]
+    assert [f["path"] for f in cfg["server"]["task_result_filters"][0]["filters"]] == [dq]
+    assert [f["path"] for f in cfg["client"]["task_data_filters"][0]["filters"]] == [dq]
+    assert [f["path"] for f in cfg["client"]["task_result_filters"][0]["filters"]] == [q]
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        build_job("dino_pretrain", {"fl": {"quantization": "int3"}})
+
+
 def test_sim_workspace_allow_list_and_site_config(tmp_path):
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / "resources.json").write_text(json.dumps({"keep_me": 1}))
@@ -100,6 +126,6 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
     write_sim_local(tmp_path, "/data/{site}/datalist.json")  # idempotent
     res = json.loads((tmp_path / "local" / "resources.json").read_text())
     assert res["keep_me"] == 1
-    assert res["class_allow_list"] == list(DEFAULT_CLASS_ALLOW_LIST) + ["fl_plugins."]
+    assert res["class_allow_list"] == list(DEFAULT_CLASS_ALLOW_LIST) + ["fl_plugins.", "nvflare.app_opt.pt.quantization."]
     site = json.loads((tmp_path / "local" / "fl_plugins_site.json").read_text())
     assert site == {"datalist": "/data/{site}/datalist.json"}
