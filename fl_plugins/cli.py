@@ -223,7 +223,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         job_dir = Path(a.job)
         if not (job_dir / "meta.json").is_file():
             raise CLIError(f"--job {a.job!r} is neither a registered job ({sorted(JOBS)}) nor a job folder with meta.json")
-        if overrides:
+        # only the user's overrides count: fl.min_clients (from --sites) is always filled in above
+        if a.set or a.rounds is not None or a.pretrained or a.labelled is not None:
             raise CLIError("--set/--rounds/--pretrained/--labelled apply to registered job names, not job folders")
     if ws.exists() and a.clean:
         shutil.rmtree(ws)
