@@ -1,0 +1,92 @@
+"""Jobs on a real POC system (session fixture ``poc``): submitted with the nvflare CLI and with the admin console.
+
+Per job: ``nvflare --format json job submit -j <job> --startup-kit <admin kit>`` -> ``job wait`` -> ``job download``,
+then FINISHED:COMPLETED, the persistor's global model file(s) and, for jobs that stream metrics to the server, one
+TensorBoard event file with at least one scalar tag per site. Every ``jobs/<name>/`` folder with a ``meta.json`` is
+run on synthetic site data (wired into each site's ``local/fl_plugins_site.json``), with every client-side
+``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified); while ``jobs/`` has
+none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import record_timing
+from .deploy_utils import (
+    FULL_JOBS,
+    JOB_TIMEOUT,
+    NP_JOB,
+    check_job_result,
+    data_generator_for,
+    repo_jobs,
+    shrunk_job_copy,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+JOBS = repo_jobs() or [NP_JOB]
+
+
+@pytest.mark.parametrize("job_dir", JOBS, ids=[j.name for j in JOBS])
+def test_job_on_poc(job_dir: Path, poc, synthetic_data, tmp_path):
+    if job_dir != NP_JOB:
+        gen_name, gen, kwargs = data_generator_for(job_dir.name)
+        if gen is None:
+            pytest.skip(f"{job_dir.name}: data generator fl_plugins.data.{gen_name} is missing")
+        data = synthetic_data(gen_name, gen, kwargs)
+        poc.configure_data(str(data / "{site}" / "datalist.json"))  # read by the job when it starts on a site
+
+    changes: list[str] = []
+    if job_dir != NP_JOB and not FULL_JOBS:
+        job_dir, changes = shrunk_job_copy(job_dir, tmp_path / job_dir.name)
+
+    t0 = time.monotonic()
+    job_id = poc.submit(job_dir)
+    result = poc.wait(job_id, timeout=JOB_TIMEOUT)
+    path = poc.download(job_id, tmp_path / "results")
+    record_timing(f"job {job_dir.name}: submit+run+download", time.monotonic() - t0)
+    report = check_job_result(job_dir, result, path / "workspace", poc.sites)
+    print(job_dir.name, result.get("duration_s"), changes, report)
+
+
+def _console(kit: Path, env: dict, commands: list[str], timeout: float = 120) -> str:
+    """Pipe commands into the admin kit's interactive console (startup/fl_admin.sh); returns its output."""
+    script = "\n".join([*commands, "bye"]) + "\n"
+    p = subprocess.run([str(kit / "startup" / "fl_admin.sh")], input=script, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.stdout + p.stderr
+
+
+def test_submit_through_admin_console(poc, tmp_path):
+    """The interactive console path a user types: submit_job, list_jobs, download_job (into the kit's transfer/)."""
+    kit, env = poc.admin_kit, poc.env
+    job = shutil.copytree(NP_JOB, tmp_path / "np_job")  # the console signs the folder it submits, in place
+    t0 = time.monotonic()
+    out = _console(kit, env, [f"submit_job {job}", "list_jobs"])
+    m = re.search(r"Submitted job: ([0-9a-f-]{36})", out)
+    assert m, f"console did not submit the job:\n{out}"
+    job_id = m.group(1)
+    assert re.search(rf"\|\s*{job_id}\s*\|\s*np_job\s*\|", out), f"list_jobs does not show the job:\n{out}"
+
+    def finished():
+        o = _console(kit, env, ["list_jobs"])
+        row = next((line for line in o.splitlines() if job_id in line), "")
+        return row if "FINISHED" in row else None
+
+    row = wait_for(finished, timeout=JOB_TIMEOUT, what=f"job {job_id} to finish (console list_jobs)", interval=2)
+    assert "FINISHED:COMPLETED" in row, row
+    out = _console(kit, env, [f"download_job {job_id}"])
+    assert "content downloaded to" in out, out
+    ws = kit / "transfer" / job_id / "workspace"
+    record_timing("console: submit_job+run+download_job", time.monotonic() - t0)
+    assert (ws / "models" / "server.npy").is_file(), sorted(os.listdir(kit / "transfer" / job_id))
+    assert (job / ".__nvfl_sig.json").is_file(), "expected: console submit_job signs the job folder in place"
