@@ -82,7 +82,8 @@ class DinoHandler:
             raise ValueError(f"knn_every must be >= 0 (0 = off), got {knn_every}")
         self.site = site
         cfg = dict(dino)
-        cfg.setdefault("total_steps", steps_per_round * max(1, total_rounds))
+        if cfg.get("total_steps") is None:
+            cfg["total_steps"] = steps_per_round * max(1, total_rounds)
         # Sites draw different augmentations and iBOT masks: the site name is mixed into the seed (the server's
         # copy of the config keeps the job's seed; the seed is never on the wire).
         cfg["seed"] = int(cfg.get("seed", 0)) + zlib.crc32(site.site_name.encode()) % 100_000

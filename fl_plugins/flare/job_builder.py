@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from nvflare.job_config.api import FedJob
 
 from fl_plugins.flare.controllers import FedAvgWithFinalValidation
 from fl_plugins.flare.persistor import ConfigModelPersistor
+from fl_plugins.methods.dino_config import DINOConfig
 
 __all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs", "job_names"]
 
@@ -122,6 +123,8 @@ class JobSpec:
     defaults: dict[str, Any]
     builder: Callable[[str, dict[str, Any]], FedJob]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: settable keys beyond ``defaults``, per dotted sub-dict path (validated again by the method's config class)
+    open_keys: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -133,13 +136,18 @@ def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any], overrides: dict[str, Any], where: str = "", open_keys: dict[str, frozenset[str]] | None = None
+) -> dict[str, Any]:
+    """``base`` updated with ``overrides``; a key that is neither in ``base`` nor, for the sub-dict at dotted path
+    ``p``, in ``open_keys[p]`` (e.g. every ``DINOConfig`` field under ``dino``) is rejected with the known keys."""
     out = copy.deepcopy(base)
+    allowed = (open_keys or {}).get(where.rstrip("."), frozenset())
     for k, v in overrides.items():
-        if k not in out:
-            raise ValueError(f"unknown job setting {where + k!r}; known: {sorted(out)}")
-        if isinstance(out[k], dict) and isinstance(v, dict):
-            out[k] = _merge(out[k], v, where + k + ".")
+        if k not in out and k not in allowed:
+            raise ValueError(f"unknown job setting {where + k!r}; known: {sorted(set(out) | allowed)}")
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
+            out[k] = _merge(out[k], v, where + k + ".", open_keys)
         else:
             out[k] = v
     return out
@@ -232,14 +240,14 @@ def build_job(name: str, overrides: dict[str, Any] | None = None) -> FedJob:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
     spec = JOBS[name]
-    settings = _merge(_with_fl_defaults(spec.defaults), overrides or {})
+    settings = _merge(_with_fl_defaults(spec.defaults), overrides or {}, open_keys=spec.open_keys)
     return spec.builder(name, settings)
 
 
 def job_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
-    return _merge(_with_fl_defaults(JOBS[name].defaults), overrides or {})
+    return _merge(_with_fl_defaults(JOBS[name].defaults), overrides or {}, open_keys=JOBS[name].open_keys)
 
 
 def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -257,7 +265,12 @@ def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
 
     fl = FLSettings(**s["fl"])
     dino = dict(s["dino"])
-    dino.setdefault("total_steps", s["steps_per_round"] * fl.num_rounds)
+    if dino.get("total_steps") is None:
+        dino["total_steps"] = s["steps_per_round"] * fl.num_rounds
+    try:  # validate early: a bad value is named when the job is built, not on the sites at run time
+        DINOConfig.from_dict(dict(dino))
+    except TypeError as e:
+        raise ValueError(f"dino settings: {e}") from e
     executor = DinoExecutor(
         dino=dino, steps_per_round=s["steps_per_round"], total_rounds=fl.num_rounds, knn_every=s["knn_every"],
         knn_max_items=s["knn_max_items"],
@@ -277,6 +290,8 @@ _DINO = {
     "federation_mode": "A",
 }
 
+_DINO_FIELDS = frozenset(f.name for f in fields(DINOConfig))
+
 for _variant in ("dino", "dinov2"):
     JOBS[f"{_variant}_pretrain"] = JobSpec(
         name=f"{_variant}_pretrain",
@@ -290,4 +305,6 @@ for _variant in ("dino", "dinov2"):
             "knn_max_items": 256,
         },
         builder=_dino_builder,
+        # every DINOConfig field can be set (e.g. --set dino.lr=5e-4); DINOConfig validates the values
+        open_keys={"dino": _DINO_FIELDS},
     )

@@ -129,3 +129,41 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
     assert res["class_allow_list"] == list(DEFAULT_CLASS_ALLOW_LIST) + ["fl_plugins.", "nvflare.app_opt.pt.quantization."]
     site = json.loads((tmp_path / "local" / "fl_plugins_site.json").read_text())
     assert site == {"datalist": "/data/{site}/datalist.json"}
+
+
+def _client_dino(job) -> dict:
+    """The DinoExecutor's ``dino`` argument as exported in the client config."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        job.export_job(d)
+        cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
+    (exe,) = [e["executor"] for e in cfg["executors"] if "DinoExecutor" in e["executor"]["path"]]
+    return exe["args"]["dino"]
+
+
+@pytest.mark.parametrize(("name", "key", "value"), [
+    ("dino_pretrain", "lr", 5e-4),
+    ("dino_pretrain", "momentum_teacher", 0.99),
+    ("dinov2_pretrain", "centering", "sinkhorn_knopp"),
+    ("dinov2_pretrain", "koleo_weight", 0.0),
+])
+def test_every_dino_config_field_is_settable(name, key, value):
+    """``--set dino.<field>`` reaches the site executor for any DINOConfig field, not only the listed defaults."""
+    assert key not in JOBS[name].defaults["dino"]
+    dino = _client_dino(build_job(name, {"dino": {key: value}}))
+    assert dino[key] == value
+    assert dino["total_steps"] == 2 * 5  # rounds x steps_per_round still fills the schedule horizon
+
+
+def test_dino_settings_unknown_field_and_bad_value_named():
+    with pytest.raises(ValueError, match=r"unknown job setting 'dino\.lrr'; known: \[.*'lr'"):
+        job_settings("dino_pretrain", {"dino": {"lrr": 1e-3}})
+    with pytest.raises(ValueError, match=r"unknown job setting 'model'"):
+        job_settings("dino_pretrain", {"model": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -1"):
+        build_job("dino_pretrain", {"dino": {"lr": -1}})
+
+
+def test_explicit_total_steps_is_kept():
+    assert _client_dino(build_job("dino_pretrain", {"dino": {"total_steps": 777}}))["total_steps"] == 777
