@@ -469,9 +469,13 @@ def main(argv: list[str] | None = None) -> int:
             job_id = poc.submit(a.job)
             out = {"job_id": job_id}
             if a.wait or a.download:
+                print(f"submitted job {job_id}; waiting for it to finish (at most {a.timeout:.0f}s) ...",
+                      file=sys.stderr, flush=True)
                 out["result"] = poc.wait(job_id, timeout=a.timeout)
+                print(f"job {job_id}: {out['result'].get('status')}", file=sys.stderr, flush=True)
             if a.download:
                 out["path"] = str(poc.download(job_id, a.download))
+                print(f"downloaded the server's job folder to {out['path']}", file=sys.stderr, flush=True)
         elif a.cmd == "stop":
             out = poc.stop()
         elif a.cmd == "clean":

@@ -1,59 +1,267 @@
 """Server workflows.
 
-``FedAvgWithFinalValidation`` is nvflare's ``FedAvg`` plus one extra phase: after the last round, the final global
-model is sent to every site with the task ``validate`` and the per-site metrics are written to
-``<server app dir>/final_metrics.json`` (atomically) and the server log. Without it the last aggregate would
-never be evaluated (in FedAvg, sites validate the model they *receive*, i.e. the previous round's aggregate).
+``FedAvgWithFinalValidation`` is nvflare's ``FedAvg`` with three changes:
+
+* **Every round goes to every connected site** (``sites_per_round=None``, the default). nvflare's ``FedAvg`` sends
+  each round to a *random* ``num_clients`` of the connected sites; here ``num_clients`` is the *minimum* number of
+  sites a round needs (the job's ``min_clients``) and ``sites_per_round`` an optional sample size.
+* **A site that is lost mid-round is dropped, the round goes on.** When FLARE deems a site disconnected (its
+  heartbeats stopped for the server's ``heart_beat_timeout``, then the job's ``dead_client_grace_period``; FLARE
+  fires ``EventType.CLIENT_DISCONNECTED``), the site is removed from the targets of this workflow's standing tasks,
+  so the round completes with the results of the remaining sites (FLARE's own ``BcastTaskManager`` then sees every
+  remaining target answered). Later rounds skip it (``get_client_disconnect_time``); if it reconnects
+  (``CLIENT_RECONNECTED``) it takes part again from the next round. The server log names the site, the round and
+  the sites that remain. When fewer than ``min_clients`` sites remain FLARE itself stops the job
+  (``FINISHED:EXECUTION_EXCEPTION``, "Aborting job due to deployment policy violation"); ``sample_clients`` also
+  refuses to start a round with fewer than ``num_clients`` sites (the run ends with an error naming them).
+* **Final validation:** after the last round, the final global model is sent to every connected site with the
+  task ``validate`` and the per-site metrics are written to ``<server app dir>/final_metrics.json`` (atomically)
+  and the server log. Without it the last aggregate would never be evaluated (in FedAvg, sites validate the model
+  they *receive*, i.e. the previous round's aggregate).
+
+Checked against nvflare 2.9.0: ``WFCommServer._check_dead_clients`` / ``get_client_disconnect_time`` /
+``client_is_active``, ``BcastTaskManager.check_task_exit`` (a broadcast task with ``min_responses=0`` ends when
+the number of answered client tasks reaches ``len(task.targets)``), ``ServerJsonConfigurator`` (a workflow
+controller is an event handler of the job), ``FedAvg.run`` (calls ``sample_clients(self.num_clients)`` each round).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import threading
+from typing import Any
 
+from nvflare.apis.controller_spec import Task
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fl_plugins.engine.checkpoint import atomic_write_text
 
-__all__ = ["FedAvgWithFinalValidation"]
+__all__ = ["FedAvgWithFinalValidation", "NotEnoughSitesError", "plain_metrics"]
+
+
+class NotEnoughSitesError(RuntimeError):
+    """Fewer connected sites than a round needs; raised from ``sample_clients`` (FLARE then ends the run)."""
+
+
+def plain_metrics(value: Any) -> Any:
+    """``value`` with numpy/torch scalars turned into Python numbers (``.item()``), recursively through dicts, lists
+    and tuples, so that site metrics can be averaged and written as JSON (e.g. nvflare's ``NPValidator`` reports
+    ``numpy.float32``). Anything else that JSON cannot hold becomes its ``str``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain_metrics(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_metrics(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            out = item()
+        except (TypeError, ValueError, RuntimeError):  # not a one-element array/tensor
+            out = None
+        if isinstance(out, (bool, int, float)):
+            return out
+    return str(value)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float))
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 class FedAvgWithFinalValidation(FedAvg):
-    """FedAvg (``num_clients``, ``num_rounds``, ``persistor_id``, ``task_check_period``, ...) + final validation.
+    """FedAvg over all connected sites, dropping lost sites, + final validation (see the module docstring).
+
+    Other arguments are ``FedAvg``'s (``num_rounds``, ``persistor_id``, ``task_check_period``, ...).
 
     Args:
+        num_clients: minimum number of connected sites a round needs; set it to the job's ``min_clients``.
+            (In nvflare's ``FedAvg`` it is the number of sites sampled per round; here that is ``sites_per_round``.)
+        sites_per_round: sites that train in each round: ``None`` (default) = every connected site; ``k`` = a random
+            ``k`` of them each round (``>= num_clients``).
         final_validation: run the extra ``validate`` phase after the last round.
         validation_timeout: seconds to wait for the validation results (0 = no limit).
+
+    Raises:
+        ValueError: a setting out of range (the message names it and its value).
     """
 
-    def __init__(self, *args, final_validation: bool = True, validation_timeout: int = 0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        num_clients: int = 1,
+        sites_per_round: int | None = None,
+        final_validation: bool = True,
+        validation_timeout: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        _check_int("num_clients", num_clients, 1)
+        _check_int("sites_per_round", sites_per_round, 1, allow_none=True)
+        _check_int("validation_timeout", validation_timeout, 0)
+        if not isinstance(final_validation, bool):
+            raise ValueError(f"final_validation must be a bool, got {final_validation!r}")
+        if sites_per_round is not None and sites_per_round < num_clients:
+            raise ValueError(
+                f"sites_per_round must be >= num_clients ({num_clients}, the minimum number of sites per round), "
+                f"got {sites_per_round}"
+            )
+        super().__init__(*args, num_clients=num_clients, **kwargs)
+        self.sites_per_round = sites_per_round
         self.final_validation = final_validation
         self.validation_timeout = validation_timeout
         self._last_model: FLModel | None = None
+        self._phase: str | None = None  # "round <n>" / "the final validation", for log messages
+        self._own_tasks: list[Task] = []  # tasks this workflow broadcast (the standing ones are pruned lazily)
+        self._own_tasks_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------ sites
+
+    def _site_names(self) -> list[str]:
+        """Every site of the job (FLARE's job participants, dead or alive), sorted."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return []
+        return sorted(c.name for c in engine.get_clients())
+
+    def connected_sites(self) -> tuple[list[str], list[str]]:
+        """(connected, disconnected) site names: FLARE's job participants split by ``get_client_disconnect_time``."""
+        alive, gone = [], []
+        for name in self._site_names():
+            (gone if self.get_client_disconnect_time(name) else alive).append(name)
+        return alive, gone
+
+    def sample_clients(self, num_clients: int | None = None) -> list[str]:
+        """Sites for the next round: every connected site (or a random ``sites_per_round`` of them).
+
+        ``num_clients`` (what ``FedAvg.run`` passes) is ignored: the minimum is ``self.num_clients`` and the sample
+        size ``self.sites_per_round``.
+
+        Raises:
+            NotEnoughSitesError: fewer than ``self.num_clients`` sites are connected.
+        """
+        del num_clients
+        where = self._where()
+        alive, gone = self.connected_sites()
+        if gone:
+            self.log_warning(self.fl_ctx, f"{where}: skipping disconnected site(s) {gone}", fire_event=False)
+        if len(alive) < self.num_clients:
+            raise NotEnoughSitesError(
+                f"{where}: only {len(alive)} connected site(s) {alive} (disconnected: {gone}); "
+                f"a round needs at least {self.num_clients} (num_clients, the job's min_clients)"
+            )
+        chosen = alive
+        if self.sites_per_round is not None and self.sites_per_round < len(alive):
+            chosen = sorted(random.sample(alive, self.sites_per_round))
+            self.log_info(self.fl_ctx, f"{where}: sampled {len(chosen)} of {len(alive)} connected sites")
+        self.log_info(self.fl_ctx, f"{where}: sending to {len(chosen)} site(s): {chosen}")
+        return chosen
+
+    def _where(self) -> str:
+        if self._phase:
+            return self._phase
+        return f"round {self.current_round}" if self.current_round is not None else "before round 0"
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def broadcast(self, task: Task, *args: Any, **kwargs: Any) -> None:
+        """``Controller.broadcast``, remembering ``task`` so a lost site can be dropped from its targets."""
+        self._remember(task)
+        super().broadcast(task, *args, **kwargs)
+
+    def broadcast_and_wait(self, task: Task, *args: Any, **kwargs: Any) -> None:
+        """``Controller.broadcast_and_wait``, remembering ``task`` (see :meth:`broadcast`)."""
+        self._remember(task)
+        super().broadcast_and_wait(task, *args, **kwargs)
+
+    def _remember(self, task: Task) -> None:
+        with self._own_tasks_lock:
+            self._own_tasks = [t for t in self._own_tasks if t.is_standing] + [task]
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.CLIENT_DISCONNECTED:
+            site = fl_ctx.get_prop(FLContextKey.DISCONNECTED_CLIENT_NAME)
+            if site:
+                self.drop_site(str(site), fl_ctx)
+        elif event_type == EventType.CLIENT_RECONNECTED:
+            site = fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)
+            if site:
+                self.log_info(fl_ctx, f"site {site} reconnected during {self._where()}: it takes part again from the "
+                                      "next round")
+
+    def drop_site(self, site: str, fl_ctx: FLContext) -> list[str]:
+        """Stop waiting for ``site``: remove it from the targets of this workflow's standing tasks.
+
+        A broadcast task (``min_responses=0``) ends once the answered client tasks reach ``len(task.targets)``
+        (``BcastTaskManager.check_task_exit``), so the round completes with the other sites' results. The targets
+        list is replaced, not mutated (other threads read it). Returns the names of the tasks changed.
+        """
+        changed = []
+        with self._own_tasks_lock:
+            for task in self._own_tasks:
+                targets = task.targets
+                if task.is_standing and targets and site in targets:
+                    task.targets = [t for t in targets if t != site]
+                    changed.append(task.name)
+        alive, gone = self.connected_sites()
+        alive = [s for s in alive if s != site]
+        total = len(alive) + len(set(gone) | {site})
+        dropped = f"dropped from the standing task(s) {changed}" if changed else "no standing task waited for it"
+        msg = (f"site {site} deemed disconnected by FLARE during {self._where()}: {dropped}; "
+               f"{len(alive)} of {total} sites remain: {alive}")
+        if len(alive) < self.num_clients:
+            self.log_error(fl_ctx, f"{msg}; fewer than the {self.num_clients} needed (min_clients): FLARE stops the "
+                                   "job", fire_event=False)
+        else:
+            self.log_warning(fl_ctx, f"{msg}; the job goes on with them", fire_event=False)
+        return changed
+
+    # ------------------------------------------------------------------------------------------------ workflow
 
     def save_model(self, model: FLModel) -> None:
         self._last_model = model
         super().save_model(model)
 
     def run(self) -> None:
+        self._phase = None
         super().run()
         if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
             return
+        self._phase = "the final validation"
         model = FLModel(params=self._last_model.params, params_type=self._last_model.params_type)
         model.current_round = self.start_round + self.num_rounds
         model.total_rounds = self.num_rounds
-        results = self.send_model_and_wait(task_name="validate", data=model, timeout=self.validation_timeout)
+        alive, gone = self.connected_sites()
+        if gone:
+            self.log_warning(self.fl_ctx, f"final validation: skipping disconnected site(s) {gone}", fire_event=False)
+        if not alive:
+            self.log_error(self.fl_ctx, "final validation: no connected site", fire_event=False)
+            return
+        results = self.send_model_and_wait(
+            task_name="validate", data=model, targets=alive, timeout=self.validation_timeout
+        )
         per_site = {}
         for r in results:
             site = (r.meta or {}).get("client_name", "?")
-            per_site[site] = r.metrics or {}
-        summary = {"round": model.current_round, "sites": per_site}
-        keys = sorted({k for m in per_site.values() for k, v in m.items() if isinstance(v, (int, float))})
+            per_site[site] = plain_metrics(r.metrics or {})
+        summary: dict[str, Any] = {"round": model.current_round, "sites": per_site}
+        keys = sorted({k for m in per_site.values() for k, v in m.items() if _is_number(v)})
         summary["mean"] = {
-            k: sum(m[k] for m in per_site.values() if k in m) / max(1, sum(k in m for m in per_site.values()))
+            k: sum(m[k] for m in per_site.values() if _is_number(m.get(k)))
+            / max(1, sum(_is_number(m.get(k)) for m in per_site.values()))
             for k in keys
         }
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) or "."

@@ -82,7 +82,8 @@ def build_fedavg_job(
     job = FedJob(name=name, min_clients=fl.min_clients)
     job.set_app_packages(["fl_plugins"])
     controller = FedAvgWithFinalValidation(
-        num_clients=fl.min_clients,
+        num_clients=fl.min_clients,  # the minimum number of connected sites a round needs
+        sites_per_round=None,  # every connected site trains in every round; a lost site is dropped
         num_rounds=fl.num_rounds,
         persistor_id="persistor",
         task_check_period=fl.task_check_period,

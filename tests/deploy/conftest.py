@@ -8,9 +8,10 @@ is killed first, so a failing run never leaks processes).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,20 +25,25 @@ def record_timing(name: str, seconds: float) -> None:
     TIMINGS[name] = round(seconds, 1)
 
 
-@pytest.fixture(scope="session")
-def poc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[poc_driver.Poc]:
-    """A started POC system; yields the :class:`poc.poc.Poc` driver. Stopped and checked at session end."""
-    root = tmp_path_factory.mktemp("poc")
+@contextlib.contextmanager
+def poc_system(
+    root: Path, num_sites: int = 2, label: str = "poc", configure: Callable[[poc_driver.Poc], None] | None = None
+) -> Iterator[poc_driver.Poc]:
+    """Prepare (``configure(poc)`` runs after ``prepare``, before ``start``), start and yield a POC system under
+    ``root``; on exit stop it and assert, with a /proc scan, that none of its processes is left (survivors are
+    killed first, also when the body failed)."""
     system = poc_driver.Poc(root)
     marker = str(system.workspace) + os.sep
     atexit.register(poc_driver.kill_processes, marker)  # last resort if the session dies before teardown
     try:
         t0 = time.monotonic()
-        system.prepare(num_sites=2)
-        record_timing("poc prepare", time.monotonic() - t0)
+        system.prepare(num_sites=num_sites)
+        if configure is not None:
+            configure(system)
+        record_timing(f"{label} prepare", time.monotonic() - t0)
         t0 = time.monotonic()
         system.start(timeout=180)
-        record_timing("poc start (until 2/2 sites connected)", time.monotonic() - t0)
+        record_timing(f"{label} start (until {num_sites}/{num_sites} sites connected)", time.monotonic() - t0)
         yield system
     finally:
         stop_error = None
@@ -47,11 +53,18 @@ def poc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[poc_driver.Poc]:
             leftovers = system.stop()["leftovers"]
         except Exception as e:  # still make sure nothing survives
             stop_error = e
-        record_timing("poc stop", time.monotonic() - t0)
+        record_timing(f"{label} stop", time.monotonic() - t0)
         survivors = poc_driver.kill_processes(marker)
         assert not survivors, f"processes survived poc stop and a kill: {survivors}"
         assert stop_error is None, f"poc stop failed: {stop_error}"
         assert not leftovers, f"'nvflare poc stop' left processes behind (killed them): {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def poc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[poc_driver.Poc]:
+    """A started POC system (2 sites); yields the :class:`poc.poc.Poc` driver. Stopped and checked at session end."""
+    with poc_system(tmp_path_factory.mktemp("poc"), num_sites=2) as system:
+        yield system
 
 
 @pytest.fixture(scope="session")

@@ -141,6 +141,47 @@ def long_np_job(dst: Path, rounds: int = 20, sleep_time: int = 2, name: str = "n
     return dst
 
 
+def np_fedavg_job(
+    dst: Path,
+    rounds: int = 3,
+    sleep_time: int = 3,
+    min_clients: int = 2,
+    dead_client_grace_period: float | None = None,
+    name: str = "np_fedavg",
+) -> Path:
+    """The numpy job (NPTrainer/NPValidator, NPModelPersistor: no torch, quick to start) run by fl_plugins'
+    ``FedAvgWithFinalValidation`` (every connected site per round, lost sites dropped, final ``validate`` phase).
+
+    ``dead_client_grace_period`` (seconds) goes into the server app config, where FLARE's workflow communicator
+    reads it (``ConfigService``, application config; what ``FedJob(fail_fast=True)`` sets to 0).
+    """
+    shutil.copytree(NP_JOB, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta.update(name=name, min_clients=min_clients)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    srv_path = dst / "app" / "config" / "config_fed_server.json"
+    srv = json.loads(srv_path.read_text())
+    srv["workflows"] = [{
+        "id": "controller",
+        "path": "fl_plugins.flare.controllers.FedAvgWithFinalValidation",
+        "args": {"num_clients": min_clients, "num_rounds": rounds, "persistor_id": "persistor",
+                 "task_check_period": 0.1},
+    }]
+    srv["components"] = [c for c in srv["components"] if c["id"] == "persistor"]
+    if dead_client_grace_period is not None:
+        srv["dead_client_grace_period"] = dead_client_grace_period
+    srv_path.write_text(json.dumps(srv, indent=2))
+    cli_path = dst / "app" / "config" / "config_fed_client.json"
+    cli = json.loads(cli_path.read_text())
+    cli["executors"] = [
+        {"tasks": ["train"], "executor": {"path": "nvflare.app_common.np.np_trainer.NPTrainer",
+                                          "args": {"delta": 1, "sleep_time": sleep_time}}},
+        {"tasks": ["validate"], "executor": {"path": "nvflare.app_common.np.np_validator.NPValidator", "args": {}}},
+    ]
+    cli_path.write_text(json.dumps(cli, indent=2))
+    return dst
+
+
 def shrunk_job_copy(job_dir: Path, dst: Path, steps: int = SHRINK_STEPS) -> tuple[Path, list[str]]:
     """Copy a job folder, lowering every client-side ``steps_per_round`` to ``steps``; returns (copy, changes)."""
     shutil.copytree(job_dir, dst)

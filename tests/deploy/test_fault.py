@@ -4,19 +4,22 @@ A site's training process (the FLARE client *job* process of site-2) is killed w
 round. nvflare 2.9.0: the site's FLARE client (still running) reports the job process's abnormal exit to the server,
 which fails the whole job at once -- whatever ``min_clients`` says -- with status FINISHED:EXECUTION_EXCEPTION.
 The global model of the last completed round stays in the job result; both sites stay connected and accept the
-next job.
+next job. Also: a site's client restarted mid-round (the job hangs until aborted), and a site lost for good while
+enough sites remain (dropped, the job completes; own 3-site POC system).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import time
 
 import pytest
 
-from .conftest import record_timing
-from .deploy_utils import long_np_job, poc_driver, wait_for
+from .conftest import poc_system, record_timing
+from .deploy_utils import long_np_job, np_fedavg_job, poc_driver, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +124,88 @@ def test_site_client_killed_and_restarted_mid_round(poc, tmp_path):
         record_timing("fault: orphaned site-2 job process still alive (killed) after", time.monotonic() - t_kill)
     wait_for(lambda: not _job_processes(poc, job_id, "site-1"), timeout=60, what="site-1's job process to end")
     poc.wait_ready(timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------ a site lost for good
+
+#: server heart_beat_timeout for the lost-site test (provisioned default 600 s); sites send heartbeats every ~10 s
+LOST_SITE_HEARTBEAT_TIMEOUT = 20
+
+
+def _fast_dead_site_detection(poc) -> None:
+    """Lower the POC server's ``heart_beat_timeout`` (``local/resources.json``, ``servers[0]``) before it starts."""
+    res_path = poc.site_dir(poc.server_name) / "local" / "resources.json"
+    res = json.loads(res_path.read_text())
+    res["servers"][0]["heart_beat_timeout"] = LOST_SITE_HEARTBEAT_TIMEOUT
+    res_path.write_text(json.dumps(res, indent=2))
+
+
+def test_site_lost_mid_round_job_goes_on(tmp_path):
+    """Site-3 of 3 (``min_clients`` 2) disappears for good in round 1: its supervising loop, FLARE client and job
+    process are SIGKILLed. With ``FedAvgWithFinalValidation`` the server drops site-3 once FLARE deems it
+    disconnected (``heart_beat_timeout`` 20 s here, ``dead_client_grace_period`` 0 in the job), round 1 aggregates
+    the other two results, round 2 and the final validation go to site-1 and site-2 only, and the job ends
+    FINISHED:COMPLETED. Own POC system (3 sites), stopped and checked for leftover processes at the end.
+    """
+    with poc_system(tmp_path / "poc3", num_sites=3, label="lost site: poc (3 sites)",
+                    configure=_fast_dead_site_detection) as poc:
+        server_dir = poc.site_dir(poc.server_name)
+        parent_log = server_dir / "log.txt"
+        assert f"server heartbeat timeout set to {LOST_SITE_HEARTBEAT_TIMEOUT}" in parent_log.read_text(), \
+            "the lowered heart_beat_timeout did not reach the server"
+
+        job = np_fedavg_job(tmp_path / "np_site_lost", rounds=3, sleep_time=3, min_clients=2,
+                            dead_client_grace_period=0)
+        t_submit = time.monotonic()
+        job_id = poc.submit(job)
+        server_job_log = server_dir / job_id / "log.txt"
+
+        def log_text() -> str:
+            return server_job_log.read_text(errors="replace") if server_job_log.is_file() else ""
+
+        def site3_training_round_1() -> bool:
+            text = log_text()
+            i = text.find("Round 1 started")
+            return i >= 0 and "assigned task to client site-3: name=train" in text[i:]
+
+        wait_for(site3_training_round_1, timeout=240, what="site-3 to get its round-1 task")
+        site3 = poc.site_dir("site-3")
+        daemon = int((site3 / "daemon_pid.fl").read_text())
+        client = int((site3 / "pid.fl").read_text())
+        job_procs = _job_processes(poc, job_id, "site-3")
+        assert len(job_procs) == 1, job_procs
+        for pid in (daemon, client, job_procs[0][0]):  # the loop first, so that it cannot restart the client
+            poc_driver._signal(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+
+        def site3_processes() -> list[tuple[int, str]]:
+            return [(p, c) for p, c in poc.processes() if str(site3) + os.sep in c or "-c site-3 " in c]
+
+        wait_for(lambda: not site3_processes(), timeout=15, what="site-3's processes to be gone")
+        assert "Round 2 started" not in log_text(), "killed too late: round 1 was already over"
+
+        dropped = ("site site-3 deemed disconnected by FLARE during round 1: dropped from the standing task(s) "
+                   "['train']; 2 of 3 sites remain: ['site-1', 'site-2']; the job goes on with them")
+        wait_for(lambda: dropped in log_text(), timeout=150, what="the server to drop site-3", interval=0.5)
+        detected = time.monotonic() - t_kill
+        record_timing("lost site: kill -> site-3 dropped from round 1 (server job log)", detected)
+
+        result = poc.wait(job_id, timeout=180)
+        record_timing("lost site: kill -> job finished", time.monotonic() - t_kill)
+        record_timing("lost site: submit -> job finished", time.monotonic() - t_submit)
+        assert result["status"] == "FINISHED:COMPLETED", result
+        assert detected < LOST_SITE_HEARTBEAT_TIMEOUT + 30, f"site-3 dropped only {detected:.0f}s after the kill"
+        assert "Remove the dead Client. Name: site-3" in parent_log.read_text(errors="replace")
+
+        path = poc.download(job_id, tmp_path / "results")
+        log = (path / "workspace" / "log.txt").read_text(errors="replace")
+        assert dropped in log
+        assert "round 2: skipping disconnected site(s) ['site-3']" in log
+        assert "round 2: sending to 2 site(s): ['site-1', 'site-2']" in log
+        assert "final validation: skipping disconnected site(s) ['site-3']" in log
+        assert "Finished FedAvg" in log and "Aborting job" not in log
+        metrics = json.loads((path / "workspace" / "app_server" / "final_metrics.json").read_text())
+        assert sorted(metrics["sites"]) == ["site-1", "site-2"], metrics
+        assert (path / "workspace" / "models" / "server.npy").is_file()
+        for site in ("site-1", "site-2"):
+            wait_for(lambda s=site: not _job_processes(poc, job_id, s), timeout=60, what=f"{site}'s job process to end")

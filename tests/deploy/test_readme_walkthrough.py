@@ -80,7 +80,9 @@ def test_readme_deployment_walkthrough(tmp_path):
             assert list((ws / "tb_events" / site).glob("events.out.tfevents.*")), f"no TensorBoard events of {site}"
         # the ls line listed the checkpoint; the console listed the job as finished
         assert "FL_global_model.pt" in out
-        assert job_id.group(1)[:8] in out and "FINISHED:COMPLETED" in out.split("list_jobs")[-1], out[-3000:]
+        assert re.search(rf"\|\s*{job_id.group(1)}\s*\|\s*finetune_seg_unet\s*\|\s*FINISHED:COMPLETED\s*\|", out), \
+            f"the console's list_jobs table has no finished row for the job:\n{out[-3000:]}"
+        assert f"submitted job {job_id.group(1)}; waiting" in out  # progress while the job runs
         # clean removed the POC folder, and the walkthrough's stop left nothing running
         assert not (work / "workspace" / "poc").exists()
         assert not poc_driver.find_processes(marker)
