@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from fl_plugins.core.centering import centered_teacher_probs, sinkhorn_knopp, update_center
+from fl_plugins.core.collapse import target_entropies
 from fl_plugins.core.dino_loss import dino_cross_entropy
 from fl_plugins.core.ema import update_momentum
 from fl_plugins.core.heads import build_dino_head, cancel_last_layer_gradients, copy_dino_head
@@ -190,7 +191,8 @@ class DINOMethod(nn.Module):
 
         Returns:
             ``(loss, stats)``: scalar loss with a graph into the student only; ``stats`` holds floats
-            ``loss``, ``dino_loss``, ``teacher_temp`` and for dinov2 ``koleo_loss``, ``ibot_loss``,
+            ``loss``, ``dino_loss``, ``teacher_temp``, the collapse monitor ``teacher_entropy``,
+            ``teacher_mean_entropy``, ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`) and for dinov2 ``koleo_loss``, ``ibot_loss``,
             ``mask_ratio``.
         """
         cfg = self.config
@@ -234,6 +236,7 @@ class DINOMethod(nn.Module):
         dino = dino_cross_entropy(t_cls_probs.reshape(N_GLOBAL_CROPS, batch, -1), student_views, cfg.student_temp)
         loss = dino
         stats: dict[str, float] = {"dino_loss": float(dino.detach()), "teacher_temp": teacher_temp}
+        stats.update(target_entropies(t_cls_probs))  # collapse monitor (fl_plugins.core.collapse)
         if cfg.koleo_weight > 0:
             koleo = sum(koleo_loss(c) for c in s_gcls.chunk(N_GLOBAL_CROPS))  # per global crop, pre-head [V]
             loss = loss + cfg.koleo_weight * koleo

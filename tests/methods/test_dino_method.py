@@ -26,7 +26,7 @@ def test_student_gets_all_gradients_teacher_none(variant, centering):
             assert p.grad is not None, f"student parameter {name} got no gradient"
             assert torch.isfinite(p.grad).all(), name
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
-    expected = {"loss", "dino_loss", "teacher_temp"} | (
+    expected = {"loss", "dino_loss", "teacher_temp", "teacher_entropy", "teacher_mean_entropy", "teacher_mi"} | (
         {"koleo_loss", "ibot_loss", "mask_ratio"} if variant == "dinov2" else set()
     )
     assert set(stats) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -39,7 +41,8 @@ def test_exact_step_count_and_schedule_from_global_step():
     assert out["lr"] == pytest.approx(cfg.lr_at(12))
     assert out["teacher_momentum"] == pytest.approx(cfg.teacher_momentum_at(12))
     assert out["weight_decay"] == pytest.approx(cfg.weight_decay_at(12))
-    assert {"loss", "dino_loss", "teacher_temp"} <= set(out)
+    assert {"loss", "dino_loss", "teacher_temp", "teacher_entropy", "teacher_mean_entropy", "teacher_mi"} <= set(out)
+    assert 0 <= out["teacher_entropy"] <= out["teacher_mean_entropy"] + 1e-6 <= math.log(cfg.out_dim) + 1e-5
 
 
 def test_reiterable_loader_is_cycled_and_exhausted_iterator_raises():
