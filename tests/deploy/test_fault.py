@@ -154,7 +154,7 @@ def test_site_lost_mid_round_job_goes_on(tmp_path):
         assert f"server heartbeat timeout set to {LOST_SITE_HEARTBEAT_TIMEOUT}" in parent_log.read_text(), \
             "the lowered heart_beat_timeout did not reach the server"
 
-        job = np_fedavg_job(tmp_path / "np_site_lost", rounds=3, sleep_time=3, min_clients=2,
+        job = np_fedavg_job(tmp_path / "np_site_lost", rounds=3, sleep_time=6, min_clients=2,
                             dead_client_grace_period=0)
         t_submit = time.monotonic()
         job_id = poc.submit(job)

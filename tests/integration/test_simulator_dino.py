@@ -39,7 +39,8 @@ def test_pretrain_job_end_to_end(job, synth_seg_data, tmp_path):
     for site in ("site-1", "site-2"):
         acc = EventAccumulator(str(ws / "server/simulate_job/tb_events" / site))
         acc.Reload()
-        assert {"knn_accuracy", "ssl/loss", "ssl/lr", "ssl/teacher_momentum"} <= set(acc.Tags()["scalars"])
+        assert {"knn_accuracy", "ssl/loss", "ssl/lr", "ssl/teacher_momentum", "ssl/teacher_entropy", "ssl/teacher_mean_entropy",
+                "ssl/teacher_mi"} <= set(acc.Tags()["scalars"])
         assert [e.step for e in acc.Scalars("ssl/loss")] == [0, 1]
 
     out = tmp_path / "vit.pt"
