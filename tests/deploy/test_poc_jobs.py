@@ -5,7 +5,8 @@ then FINISHED:COMPLETED, the persistor's global model file(s) and, for jobs that
 TensorBoard event file with at least one scalar tag per site. Every ``jobs/<name>/`` folder with a ``meta.json`` is
 run on synthetic site data (wired into each site's ``local/fl_plugins_site.json``), with every client-side
 ``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified); while ``jobs/`` has
-none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job).
+none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Jobs that the README's deployment
+walkthrough submits are checked there instead (same checks, own POC system).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from .deploy_utils import (
     shrunk_job_copy,
     wait_for,
 )
+from .test_readme_walkthrough import walkthrough_jobs
 
 pytestmark = pytest.mark.slow
 
-JOBS = repo_jobs() or [NP_JOB]
+# A job the README walkthrough submits runs there, end to end on its own POC, with the same result checks
+# (tests/deploy/test_readme_walkthrough.py): not run twice per test session.
+JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()] or [NP_JOB]
 
 
 @pytest.mark.parametrize("job_dir", JOBS, ids=[j.name for j in JOBS])

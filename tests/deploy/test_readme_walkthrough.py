@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from .conftest import record_timing
-from .deploy_utils import poc_driver
+from .deploy_utils import check_job_result, poc_driver
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,11 @@ def walkthrough_block(readme: Path = REPO / "README.md") -> str:
     return m.group(1)
 
 
+def walkthrough_jobs() -> list[str]:
+    """Names of the ``jobs/`` folders the walkthrough submits."""
+    return re.findall(r"poc\.py submit jobs/([\w-]+)", walkthrough_block())
+
+
 def test_walkthrough_block_shape():
     """The block is the documented sequence: prepare, start, submit with download, console, stop, clean."""
     cmds = [line.split("#")[0].strip() for line in walkthrough_block().splitlines() if line.strip()]
@@ -48,6 +53,7 @@ def test_walkthrough_block_shape():
              "poc.py clean"]
     pos = [next(i for i, c in enumerate(cmds) if key in c) for key in order]
     assert pos == sorted(pos), cmds
+    assert walkthrough_jobs() == ["finetune_seg_unet"]
 
 
 def test_readme_deployment_walkthrough(tmp_path):
@@ -76,8 +82,9 @@ def test_readme_deployment_walkthrough(tmp_path):
         ws = work / "workspace" / "poc_results" / job_id.group(1) / "workspace"
         ckpt = torch.load(ws / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)
         assert ckpt["model"] and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-        for site in ("site-1", "site-2"):
-            assert list((ws / "tb_events" / site).glob("events.out.tfevents.*")), f"no TensorBoard events of {site}"
+        # the same checks as every job run on POC in test_poc_jobs.py (which skips the jobs run here)
+        for name in walkthrough_jobs():
+            check_job_result(REPO / "jobs" / name, {"status": "FINISHED:COMPLETED"}, ws, ["site-1", "site-2"])
         # the ls line listed the checkpoint; the console listed the job as finished
         assert "FL_global_model.pt" in out
         assert re.search(rf"\|\s*{job_id.group(1)}\s*\|\s*finetune_seg_unet\s*\|\s*FINISHED:COMPLETED\s*\|", out), \
