@@ -192,8 +192,8 @@ class DINOMethod(nn.Module):
         Returns:
             ``(loss, stats)``: scalar loss with a graph into the student only; ``stats`` holds floats
             ``loss``, ``dino_loss``, ``teacher_temp``, the collapse monitor ``teacher_entropy``,
-            ``teacher_mean_entropy``, ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`) and for dinov2 ``koleo_loss``, ``ibot_loss``,
-            ``mask_ratio``.
+            ``teacher_mean_entropy``, ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`) and for
+            dinov2 ``koleo_loss``, ``ibot_loss``, ``mask_ratio``.
         """
         cfg = self.config
         batch = self._check_views(views)

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -63,10 +62,9 @@ def test_readme_deployment_walkthrough(tmp_path):
     for d in ("poc", "jobs"):
         shutil.copytree(REPO / d, work / d)
     marker = str(work / "workspace") + os.sep
-    env = poc_driver.python_env()
+    env = poc_driver.python_env()  # this interpreter's folder (python3, flssl, nvflare) first on PATH
     for k in ("FL_PLUGINS_POC_ROOT", "FL_PLUGINS_DATALIST", "NVFLARE_POC_WORKSPACE"):
         env.pop(k, None)
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])  # flssl next to this python
     t0 = time.monotonic()
     try:
         p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=work, env=env, capture_output=True,
