@@ -263,6 +263,11 @@ class Poc:
     def env(self) -> dict[str, str]:
         env = python_env(self.home, {"NVFLARE_POC_WORKSPACE": str(self.workspace)})
         env.pop("FL_PLUGINS_DATALIST", None)  # it would override every site's local/fl_plugins_site.json
+        sites = json.loads(self.state_file.read_text()).get("sites") if self.state_file.is_file() else None
+        if sites:  # every POC site trains on this machine: split its cores between them (user's setting kept)
+            from fl_plugins.cpu_threads import site_thread_env
+
+            env = site_thread_env(len(sites), env)
         return env
 
     def nvflare(self, *args: str, timeout: float = 120, check: bool = True, kit: bool = False) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fl_plugins.cli import main as flssl
+from fl_plugins.cpu_threads import site_thread_env
 from fl_plugins.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +27,8 @@ def test_pretrain_job_end_to_end(job, synth_seg_data, tmp_path):
     ws = tmp_path / "ws"
     assert flssl(["init-workspace", "-w", str(ws), "--data", str(synth_seg_data)]) == 0
     proc = subprocess.run([sys.executable, "-m", "nvflare.cli", "simulator", str(REPO / "jobs" / job), "-w", str(ws),
-                           "-n", "2", "-t", "2"], capture_output=True, text=True, timeout=900)
+                           "-n", "2", "-t", "2"], capture_output=True, text=True, timeout=900,
+                          env=site_thread_env(2))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     app = ws / "server" / "simulate_job" / "app_server"
     server_cfg = json.loads((REPO / "jobs" / job / "app/config/config_fed_server.json").read_text())

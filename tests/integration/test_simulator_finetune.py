@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fl_plugins.cli import main as flssl
+from fl_plugins.cpu_threads import site_thread_env
 from fl_plugins.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 def _simulate(job: Path, ws: Path, n: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", str(n), "-t", str(n)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=site_thread_env(n),
     )
 
 
