@@ -5,7 +5,8 @@ then FINISHED:COMPLETED, the persistor's global model file(s) and, for jobs that
 TensorBoard event file with at least one scalar tag per site. Every ``jobs/<name>/`` folder with a ``meta.json`` is
 run on synthetic site data (wired into each site's ``local/fl_plugins_site.json``), with every client-side
 ``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified); while ``jobs/`` has
-none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Jobs that the README's deployment
+none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Jobs that read the same synthetic
+data are submitted together and run side by side (fixture ``submit_group``). Jobs that the README's deployment
 walkthrough submits are checked there instead (same checks, own POC system).
 """
 
@@ -16,6 +17,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,29 +40,70 @@ pytestmark = pytest.mark.slow
 
 # A job the README walkthrough submits runs there, end to end on its own POC, with the same result checks
 # (tests/deploy/test_readme_walkthrough.py): not run twice per test session.
-JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()] or [NP_JOB]
+_REPO_JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()]
+
+
+def _data_group(job_dir: Path) -> str:
+    return data_generator_for(job_dir.name)[0] if job_dir != NP_JOB else "np_job"
+
+
+# Ordered so that the jobs reading the same synthetic data are adjacent (they are submitted together, see below).
+JOBS = sorted(_REPO_JOBS, key=lambda j: (_data_group(j), j.name)) or [NP_JOB]
+
+
+@dataclass
+class _Submitted:
+    job_id: str
+    job_dir: Path  # the folder actually submitted (the shrunk copy)
+    changes: list[str]
+    t0: float
+
+
+@pytest.fixture(scope="module")
+def submit_group(poc, synthetic_data, tmp_path_factory) -> Callable[[Path], _Submitted]:
+    """``submit(job_dir)``: the submission of ``job_dir``, made together with every other job of its data group.
+
+    The jobs that read the same synthetic site data are submitted at once and run side by side on the POC (the
+    server's job scheduler runs up to ``max_jobs`` = 4 jobs at once, nvflare's provisioning default), so their
+    start-up and polling overlap instead of adding up. A group's data is wired into the sites only after every job
+    of the previous group has finished: a job reads the site config when it starts on the site.
+    """
+    done: dict[str, _Submitted] = {}
+    groups: set[str] = set()
+    root = tmp_path_factory.mktemp("jobs")
+
+    def submit(job_dir: Path) -> _Submitted:
+        group = _data_group(job_dir)
+        if group not in groups:
+            for prev in done.values():  # normally already finished: each test waits for its job
+                poc.wait(prev.job_id, timeout=JOB_TIMEOUT)
+            if job_dir != NP_JOB:
+                gen_name, gen, kwargs = data_generator_for(job_dir.name)
+                data = synthetic_data(gen_name, gen, kwargs)
+                poc.configure_data(str(data / "{site}" / "datalist.json"))
+            for j in [j for j in JOBS if _data_group(j) == group]:
+                src, changes = j, []
+                if j != NP_JOB and not FULL_JOBS:
+                    src, changes = shrunk_job_copy(j, root / j.name)
+                done[j.name] = _Submitted(poc.submit(src), src, changes, time.monotonic())
+            groups.add(group)
+        return done[job_dir.name]
+
+    return submit
 
 
 @pytest.mark.parametrize("job_dir", JOBS, ids=[j.name for j in JOBS])
-def test_job_on_poc(job_dir: Path, poc, synthetic_data, tmp_path):
+def test_job_on_poc(job_dir: Path, poc, submit_group, tmp_path):
     if job_dir != NP_JOB:
-        gen_name, gen, kwargs = data_generator_for(job_dir.name)
+        gen_name, gen, _ = data_generator_for(job_dir.name)
         if gen is None:
             pytest.skip(f"{job_dir.name}: data generator fl_plugins.data.{gen_name} is missing")
-        data = synthetic_data(gen_name, gen, kwargs)
-        poc.configure_data(str(data / "{site}" / "datalist.json"))  # read by the job when it starts on a site
-
-    changes: list[str] = []
-    if job_dir != NP_JOB and not FULL_JOBS:
-        job_dir, changes = shrunk_job_copy(job_dir, tmp_path / job_dir.name)
-
-    t0 = time.monotonic()
-    job_id = poc.submit(job_dir)
-    result = poc.wait(job_id, timeout=JOB_TIMEOUT)
-    path = poc.download(job_id, tmp_path / "results")
-    record_timing(f"job {job_dir.name}: submit+run+download", time.monotonic() - t0)
-    report = check_job_result(job_dir, result, path / "workspace", poc.sites)
-    print(job_dir.name, result.get("duration_s"), changes, report)
+    sub = submit_group(job_dir)
+    result = poc.wait(sub.job_id, timeout=JOB_TIMEOUT)
+    path = poc.download(sub.job_id, tmp_path / "results")
+    record_timing(f"job {job_dir.name}: submit (with its data group)+run+download", time.monotonic() - sub.t0)
+    report = check_job_result(sub.job_dir, result, path / "workspace", poc.sites)
+    print(job_dir.name, result.get("duration_s"), sub.changes, report)
 
 
 def _console(kit: Path, env: dict, commands: list[str], timeout: float = 120) -> str:
