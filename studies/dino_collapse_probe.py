@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="DINOConfig field")
+    p.add_argument("--views", action="append", default=[], metavar="FIELD=VALUE",
+                   help="MultiCropConfig field of the training views (e.g. intensity_prob=0.4, blur_sigma=[0.03,0.6])")
     p.add_argument("--reference", choices=["ours", "lightly"], default="ours")
     p.add_argument("--lr", type=float, default=1e-4, help="constant AdamW lr of --reference lightly")
     p.add_argument("--threads", type=int, default=1)
@@ -74,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                        log_scalar=lambda *_: None)
     h = DinoHandler(site, dino, steps_per_round=a.every, total_rounds=max(1, a.steps // a.every), knn_every=1,
                     knn_max_items=256)
+    if a.views:
+        import dataclasses
+
+        from fl_plugins.data.views import MultiCropTransform
+
+        views = h.loader.dataset.transform.config
+        h.loader.dataset.transform = MultiCropTransform(dataclasses.replace(views, **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in _parse_set(a.views).items()}))
     fixed = torch.cat(list(next(iter(h.loader))[:2]))  # both global crops of one batch
     cfg = h.method.config
 
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             return float("nan")
 
     print(f"{a.reference}: {a.job} on {len(h.loader.dataset)} images of {a.datalist}; log K = "
-          f"{math.log(cfg.out_dim):.2f}; settings {json.dumps(_parse_set(a.set))}", flush=True)
+          f"{math.log(cfg.out_dim):.2f}; settings {json.dumps(_parse_set(a.set))} views {json.dumps(_parse_set(a.views))}", flush=True)
     t0 = time.perf_counter()
     step = 0
     while True:

@@ -70,9 +70,10 @@ class DinoHandler:
         knn_every: int = 1,
         knn_max_items: int = 512,
         num_workers: int = 0,
+        views: dict[str, Any] | None = None,
     ) -> None:
         from fl_plugins.data import build_dataset, load_datalist, validate_datalist
-        from fl_plugins.data.views import MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate
+        from fl_plugins.data.views import MultiCropDataset, MultiCropTransform, multicrop_collate, views_for_method
         from fl_plugins.engine.ssl_train import build_optimizer
         from fl_plugins.methods.dino import DINOConfig, DINOMethod
 
@@ -98,12 +99,13 @@ class DinoHandler:
                 f"site {site.site_name}: {len(train)} training images in {site.datalist_path} < batch_size="
                 f"{self.config.batch_size}"
             )
-        crops = MultiCropConfig.for_variant(
+        crops = views_for_method(
             self.config.variant,
             global_crop_size=self.config.global_crop_size,  # resolved by DINOConfig (None -> backbone img_size)
             local_crop_size=self.config.local_crop_size,
             n_local_crops=self.config.n_local_crops,
             patch_size=self.config.backbone.patch_size,
+            settings=views,
         )
         g = torch.Generator().manual_seed(self.config.seed)
         self.loader = DataLoader(
@@ -186,6 +188,8 @@ class DinoExecutor(HandlerExecutor):
         total_rounds: FL rounds (schedule horizon = total_rounds * steps_per_round unless ``total_steps`` is set).
         knn_every: k-NN monitor every N rounds (0 = off).
         knn_max_items: cap on bank/query images for the monitor.
+        views: augmentation settings of the training views (``MultiCropConfig`` fields other than crop sizes, e.g.
+            ``{"intensity_prob": 0.4, "blur_sigma": [0.05, 0.6]}``; :func:`fl_plugins.data.views.views_for_method`).
     """
 
     def __init__(
@@ -195,9 +199,11 @@ class DinoExecutor(HandlerExecutor):
         total_rounds: int = 1,
         knn_every: int = 1,
         knn_max_items: int = 512,
+        views: dict | None = None,
     ) -> None:
         super().__init__()
         self.dino = dino
+        self.views = views
         self.steps_per_round = steps_per_round
         self.total_rounds = total_rounds
         self.knn_every = knn_every
@@ -205,4 +211,4 @@ class DinoExecutor(HandlerExecutor):
 
     def build_handler(self, site: SiteContext) -> DinoHandler:
         return DinoHandler(site, self.dino, self.steps_per_round, self.total_rounds, self.knn_every,
-                           self.knn_max_items)
+                           self.knn_max_items, views=self.views)

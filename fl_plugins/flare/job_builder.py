@@ -25,6 +25,7 @@ from nvflare.job_config.api import FedJob
 from fl_plugins.flare.controllers import FedAvgWithFinalValidation
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.methods.dino_config import DINOConfig
+from fl_plugins.methods.view_config import VIEW_SETTING_FIELDS, views_for_method
 
 __all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs", "job_names"]
 
@@ -269,12 +270,18 @@ def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
     if dino.get("total_steps") is None:
         dino["total_steps"] = s["steps_per_round"] * fl.num_rounds
     try:  # validate early: a bad value is named when the job is built, not on the sites at run time
-        DINOConfig.from_dict(dict(dino))
+        cfg = DINOConfig.from_dict(dict(dino))
     except TypeError as e:
         raise ValueError(f"dino settings: {e}") from e
+    views = dict(s["views"])
+    try:
+        views_for_method(cfg.variant, cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops,
+                         cfg.backbone.patch_size, views)
+    except (TypeError, ValueError) as e:
+        raise ValueError(e if str(e).startswith("views.") or "'views." in str(e) else f"views settings: {e}") from e
     executor = DinoExecutor(
         dino=dino, steps_per_round=s["steps_per_round"], total_rounds=fl.num_rounds, knn_every=s["knn_every"],
-        knn_max_items=s["knn_max_items"],
+        knn_max_items=s["knn_max_items"], views=views,
     )
     mode = dino.get("federation_mode", "A")
     return build_fedavg_job(name, executor, {"arch": "dino", "config": dino}, fl, exclude_vars=MODE_EXCLUDE_REGEX[mode])
@@ -304,8 +311,10 @@ for _variant in ("dino", "dinov2"):
             "steps_per_round": 5,
             "knn_every": 1,
             "knn_max_items": 256,
+            "views": {},  # augmentation settings of the training views (MultiCropConfig defaults when empty)
         },
         builder=_dino_builder,
-        # every DINOConfig field can be set (e.g. --set dino.lr=5e-4); DINOConfig validates the values
-        open_keys={"dino": _DINO_FIELDS},
+        # every DINOConfig field can be set (e.g. --set dino.lr=5e-4); DINOConfig validates the values; the same for
+        # the training views' augmentation settings (e.g. --set views.intensity_prob=0.4), MultiCropConfig validates
+        open_keys={"dino": _DINO_FIELDS, "views": VIEW_SETTING_FIELDS},
     )

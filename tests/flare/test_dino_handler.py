@@ -110,3 +110,16 @@ def test_sites_draw_different_masks(synth_seg_data, tmp_path):
                     dict(TINY, variant="dinov2"), steps_per_round=2, total_rounds=3, knn_every=0)
     assert a.config.seed != b.config.seed
     assert not torch.equal(a.method.sample_masks(16, 5), b.method.sample_masks(16, 5))
+
+
+def test_view_settings_shape_the_training_views(synth_seg_data, tmp_path):
+    """The executor's ``views`` argument reaches the site's multi-crop transform; the crop sizes stay the method's."""
+    site = SiteContext("site-1", str(synth_seg_data / "site-1" / "datalist.json"), str(tmp_path))
+    h = DinoHandler(site, dict(TINY), steps_per_round=2, total_rounds=3, knn_every=0,
+                    views={"intensity_prob": 0.0, "blur_sigma": [0.05, 0.6]})
+    cfg = h.loader.dataset.transform.config
+    assert (cfg.intensity_prob, cfg.blur_sigma) == (0.0, (0.05, 0.6))
+    assert (cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size) == (32, 16, 2, 8)
+    assert [tuple(v.shape[1:]) for v in next(iter(h.loader))] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+    with pytest.raises(ValueError, match=r"unknown view setting views\.jitter"):
+        DinoHandler(site, dict(TINY), steps_per_round=2, total_rounds=3, knn_every=0, views={"jitter": 0.4})

@@ -131,15 +131,15 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
     assert site == {"datalist": "/data/{site}/datalist.json"}
 
 
-def _client_dino(job) -> dict:
-    """The DinoExecutor's ``dino`` argument as exported in the client config."""
+def _client_dino(job, arg: str = "dino") -> dict:
+    """The DinoExecutor's ``dino`` (or other) argument as exported in the client config."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         job.export_job(d)
         cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
     (exe,) = [e["executor"] for e in cfg["executors"] if "DinoExecutor" in e["executor"]["path"]]
-    return exe["args"]["dino"]
+    return exe["args"][arg]
 
 
 @pytest.mark.parametrize(("name", "key", "value"), [
@@ -167,3 +167,22 @@ def test_dino_settings_unknown_field_and_bad_value_named():
 
 def test_explicit_total_steps_is_kept():
     assert _client_dino(build_job("dino_pretrain", {"dino": {"total_steps": 777}}))["total_steps"] == 777
+
+
+@pytest.mark.parametrize("name", ["dino_pretrain", "dinov2_pretrain"])
+def test_view_settings_reach_the_executor(name):
+    """``--set views.<field>`` (augmentation strength of the training views) is exported as the executor's ``views``."""
+    assert _client_dino(build_job(name)) and _client_dino(build_job(name), "views") == {}
+    views = _client_dino(build_job(name, {"views": {"intensity_prob": 0.0, "blur_sigma": [0.05, 0.6]}}), "views")
+    assert views == {"intensity_prob": 0.0, "blur_sigma": [0.05, 0.6]}
+
+
+@pytest.mark.parametrize(("views", "match"), [
+    ({"intensity_prob": 1.5}, r"views settings: intensity_prob=1.5 must be in \[0, 1\]"),
+    ({"blur_sigma": [2.0, 1.0]}, r"views settings: blur_sigma=\(2.0, 1.0\) must satisfy 0 < min <= max"),
+    ({"intensity": 0.5}, r"unknown job setting 'views\.intensity'; known: \[.*'intensity_prob'"),
+    ({"local_crop_size": 16}, r"unknown job setting 'views\.local_crop_size'"),  # a dino.* setting, not a view one
+])
+def test_bad_view_settings_are_named_when_the_job_is_built(views, match):
+    with pytest.raises(ValueError, match=match):
+        build_job("dino_pretrain", {"views": views})

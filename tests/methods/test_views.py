@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_plugins.data.views import MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate
+from fl_plugins.data.views import (
+    VIEW_SETTING_FIELDS,
+    MultiCropConfig,
+    MultiCropDataset,
+    MultiCropTransform,
+    multicrop_collate,
+    views_for_method,
+)
 
 
 @pytest.mark.parametrize("variant,n_local", [("dino", 2), ("dinov2", 0), ("dino", 4)])
@@ -61,3 +68,25 @@ def test_dataset_and_collate():
     assert [tuple(b.shape) for b in batch] == [(3, 1, 32, 32)] * 2 + [(3, 1, 16, 16)] * 2
     with pytest.raises(ValueError, match="same number of views"):
         multicrop_collate([ds[0], ds[1][:3]])
+
+
+def test_views_for_method_applies_the_settings_and_the_method_sizes():
+    cfg = views_for_method("dinov2", 32, 16, 3, 8, {"intensity_prob": 0.0, "blur_sigma": [0.05, 0.6]})
+    assert cfg == MultiCropConfig(global_crop_size=32, local_crop_size=16, n_local_crops=3, patch_size=8,
+                                  global_crop_scale=(0.32, 1.0), local_crop_scale=(0.05, 0.32), intensity_prob=0.0,
+                                  blur_sigma=(0.05, 0.6))
+    assert views_for_method("dino", 64, 32, 4, 8) == MultiCropConfig.for_variant("dino")
+    assert VIEW_SETTING_FIELDS == {"global_crop_scale", "local_crop_scale", "hflip_prob", "intensity_prob", "brightness",
+                                   "contrast", "gamma", "blur_sigma", "blur_probs", "noise_prob", "noise_std",
+                                   "solarize_prob"}
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"n_local_crops": 2}, r"views\.n_local_crops is not a view setting: set dino\.n_local_crops instead"),
+    ({"patch_size": 4}, r"views\.patch_size is not a view setting: set dino\.backbone instead"),
+    ({"jitter": 0.4}, r"unknown view setting views\.jitter; known: \['blur_probs'"),
+    ({"noise_prob": 2.0}, r"noise_prob=2.0 must be in \[0, 1\]"),
+])
+def test_views_for_method_rejects_bad_settings(settings, match):
+    with pytest.raises(ValueError, match=match):
+        views_for_method("dino", 64, 32, 4, 8, settings)
