@@ -236,9 +236,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     init_workspace(ws, template)
     print(f"simulating {job_dir} with {a.sites} sites ({a.threads} threads); workspace {ws}")
     t0 = time.perf_counter()
-    rc = run_simulator(job_dir, ws, a.sites, a.threads, ws / "simulate.log", quiet=a.quiet)
+    # beside the workspace: the simulator empties <ws> (all but startup/ and local/) when it starts
+    log_path = ws.parent / f"{ws.name}_simulate.log"
+    rc = run_simulator(job_dir, ws, a.sites, a.threads, log_path, quiet=a.quiet)
     out = sim_outputs(ws)
-    print(f"simulator exited with {rc} after {time.perf_counter() - t0:.1f}s; full log: {ws / 'simulate.log'}")
+    print(f"simulator exited with {rc} after {time.perf_counter() - t0:.1f}s; full log: {log_path}")
     for k, p in out.items():
         print(f"  {k:14s} {p} {'' if p.exists() else '(missing)'}")
     if out["final_metrics"].exists():
