@@ -226,8 +226,11 @@ class Poc:
             raise PocError(f"{self.root}: not prepared (run: poc.py --root {self.root} prepare)")
         return json.loads(self.state_file.read_text())
 
+    def _state_or_empty(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
     def _save_state(self, **updates: Any) -> dict[str, Any]:
-        st = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        st = self._state_or_empty()
         st.update(updates)
         _atomic_write(self.state_file, json.dumps(st, indent=2))
         return st
@@ -263,7 +266,7 @@ class Poc:
     def env(self) -> dict[str, str]:
         env = python_env(self.home, {"NVFLARE_POC_WORKSPACE": str(self.workspace)})
         env.pop("FL_PLUGINS_DATALIST", None)  # it would override every site's local/fl_plugins_site.json
-        sites = json.loads(self.state_file.read_text()).get("sites") if self.state_file.is_file() else None
+        sites = self._state_or_empty().get("sites")
         if sites:  # every POC site trains on this machine: split its cores between them (user's setting kept)
             from fl_plugins.cpu_threads import site_thread_env
 

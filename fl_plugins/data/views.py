@@ -43,15 +43,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from fl_plugins.methods.view_config import (
-    METHOD_OWNED_FIELDS,
-    VIEW_SETTING_FIELDS,
-    MultiCropConfig,
-    views_for_method,
-)
+from fl_plugins.methods.view_config import MultiCropConfig  # the settings of these transforms
 
-__all__ = ["MultiCropConfig", "MultiCropTransform", "MultiCropDataset", "multicrop_collate", "METHOD_OWNED_FIELDS",
-           "VIEW_SETTING_FIELDS", "views_for_method"]
+__all__ = ["MultiCropConfig", "MultiCropTransform", "MultiCropDataset", "multicrop_collate"]
+
 
 def _blur_kernel_size(sigma_max: float, crop_size: int) -> int:
     k = 2 * math.ceil(3.0 * sigma_max) + 1  # +-3 sigma

@@ -73,7 +73,7 @@ class DinoHandler:
         views: dict[str, Any] | None = None,
     ) -> None:
         from fl_plugins.data import build_dataset, load_datalist, validate_datalist
-        from fl_plugins.data.views import MultiCropDataset, MultiCropTransform, multicrop_collate, views_for_method
+        from fl_plugins.data.views import MultiCropDataset, MultiCropTransform, multicrop_collate
         from fl_plugins.engine.ssl_train import build_optimizer
         from fl_plugins.methods.dino import DINOConfig, DINOMethod
 
@@ -99,14 +99,7 @@ class DinoHandler:
                 f"site {site.site_name}: {len(train)} training images in {site.datalist_path} < batch_size="
                 f"{self.config.batch_size}"
             )
-        crops = views_for_method(
-            self.config.variant,
-            global_crop_size=self.config.global_crop_size,  # resolved by DINOConfig (None -> backbone img_size)
-            local_crop_size=self.config.local_crop_size,
-            n_local_crops=self.config.n_local_crops,
-            patch_size=self.config.backbone.patch_size,
-            settings=views,
-        )
+        crops = self.config.training_views(views)
         g = torch.Generator().manual_seed(self.config.seed)
         self.loader = DataLoader(
             MultiCropDataset(train, MultiCropTransform(crops)), batch_size=self.config.batch_size, shuffle=True,
@@ -189,7 +182,7 @@ class DinoExecutor(HandlerExecutor):
         knn_every: k-NN monitor every N rounds (0 = off).
         knn_max_items: cap on bank/query images for the monitor.
         views: augmentation settings of the training views (``MultiCropConfig`` fields other than crop sizes, e.g.
-            ``{"intensity_prob": 0.4, "blur_sigma": [0.05, 0.6]}``; :func:`fl_plugins.data.views.views_for_method`).
+            ``{"intensity_prob": 0.4, "blur_sigma": [0.05, 0.6]}``; :meth:`DINOConfig.training_views`).
     """
 
     def __init__(

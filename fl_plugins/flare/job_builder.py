@@ -25,7 +25,7 @@ from nvflare.job_config.api import FedJob
 from fl_plugins.flare.controllers import FedAvgWithFinalValidation
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.methods.dino_config import DINOConfig
-from fl_plugins.methods.view_config import VIEW_SETTING_FIELDS, views_for_method
+from fl_plugins.methods.view_config import VIEW_SETTING_FIELDS
 
 __all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs", "job_names"]
 
@@ -274,11 +274,7 @@ def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
     except TypeError as e:
         raise ValueError(f"dino settings: {e}") from e
     views = dict(s["views"])
-    try:
-        views_for_method(cfg.variant, cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops,
-                         cfg.backbone.patch_size, views)
-    except (TypeError, ValueError) as e:
-        raise ValueError(e if str(e).startswith("views.") or "'views." in str(e) else f"views settings: {e}") from e
+    cfg.training_views(views)  # validated here too: a bad view setting is named when the job is built
     executor = DinoExecutor(
         dino=dino, steps_per_round=s["steps_per_round"], total_rounds=fl.num_rounds, knn_every=s["knn_every"],
         knn_max_items=s["knn_max_items"], views=views,

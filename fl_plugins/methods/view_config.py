@@ -92,7 +92,8 @@ def views_for_method(
     """The training views of a DINO/DINOv2 run: the variant's crop scales, the method's crop sizes, and ``settings``
     (job setting ``views``: any of :data:`VIEW_SETTING_FIELDS`; JSON lists become tuples).
 
-    Raises ``ValueError`` naming ``views.<field>`` for a field that is unknown or owned by the method's settings.
+    Raises ``ValueError`` naming ``views.<field>`` for a field that is unknown or owned by the method's settings,
+    and ``ValueError("views settings: ...")`` for a value ``MultiCropConfig`` rejects.
     """
     settings = dict(settings or {})
     for k in settings:
@@ -102,11 +103,14 @@ def views_for_method(
         if k not in VIEW_SETTING_FIELDS:
             raise ValueError(f"unknown view setting views.{k}; known: {sorted(VIEW_SETTING_FIELDS)}")
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    return MultiCropConfig.for_variant(
-        variant,
-        global_crop_size=global_crop_size,
-        local_crop_size=local_crop_size,
-        n_local_crops=n_local_crops,
-        patch_size=patch_size,
-        **settings,
-    )
+    try:
+        return MultiCropConfig.for_variant(
+            variant,
+            global_crop_size=global_crop_size,
+            local_crop_size=local_crop_size,
+            n_local_crops=n_local_crops,
+            patch_size=patch_size,
+            **settings,
+        )
+    except (TypeError, ValueError) as e:  # e.g. a probability > 1, or a string where a number belongs
+        raise ValueError(f"views settings: {e}") from e

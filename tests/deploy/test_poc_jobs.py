@@ -68,13 +68,12 @@ def submit_group(poc, synthetic_data, tmp_path_factory) -> Callable[[Path], _Sub
     start-up and polling overlap instead of adding up. A group's data is wired into the sites only after every job
     of the previous group has finished: a job reads the site config when it starts on the site.
     """
-    done: dict[str, _Submitted] = {}
-    groups: set[str] = set()
+    done: dict[str, _Submitted] = {}  # every job of a submitted group
     root = tmp_path_factory.mktemp("jobs")
 
     def submit(job_dir: Path) -> _Submitted:
-        group = _data_group(job_dir)
-        if group not in groups:
+        if job_dir.name not in done:  # its group is not submitted yet
+            group = _data_group(job_dir)
             for prev in done.values():  # normally already finished: each test waits for its job
                 poc.wait(prev.job_id, timeout=JOB_TIMEOUT)
             if job_dir != NP_JOB:
@@ -86,7 +85,6 @@ def submit_group(poc, synthetic_data, tmp_path_factory) -> Callable[[Path], _Sub
                 if j != NP_JOB and not FULL_JOBS:
                     src, changes = shrunk_job_copy(j, root / j.name)
                 done[j.name] = _Submitted(poc.submit(src), src, changes, time.monotonic())
-            groups.add(group)
         return done[job_dir.name]
 
     return submit
