@@ -3,7 +3,7 @@
 Both sides train the same timm ViT (``fl_plugins.models.backbone.create_backbone``) on the same pre-made
 multi-crop batch (augmentation excluded), with the same head size, AdamW and step count:
 
-* ours: ``DINOMethod`` + ``fl_plugins.engine.ssl_train.run_local_steps`` (schedules from the global step,
+* ours: ``DINOMethod`` + ``fl_plugins.engine.train_loop.run_local_steps`` (schedules from the global step,
   crops of one size in one forward, grad clipping, last-layer freeze, EMA);
 * reference: lightly's ``DINOProjectionHead`` + ``DINOLoss`` + ``update_momentum`` + ``cosine_schedule`` in the
   loop of lightly's DINO example (one forward per view, EMA before the forward, no grad clipping).
@@ -27,7 +27,7 @@ from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 
 from fl_plugins.core.heads import build_dino_head, copy_dino_head
-from fl_plugins.engine.ssl_train import build_optimizer, run_local_steps
+from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.methods import DINOConfig, DINOMethod
 from fl_plugins.models.backbone import BackboneSpec, create_backbone
 

@@ -48,7 +48,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from fl_plugins.core.collapse import target_entropies
     from fl_plugins.engine.knn import knn_accuracy
-    from fl_plugins.engine.ssl_train import run_local_steps
+    from fl_plugins.engine.train_loop import run_local_steps
     from fl_plugins.flare.dino_executor import DinoHandler
     from fl_plugins.flare.handler import SiteContext
     from fl_plugins.flare.job_builder import job_settings
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return method.teacher["backbone"]
 
         def targets() -> torch.Tensor:
-            return method._teacher_targets(method.teacher["dino_head"](method.teacher["backbone"](fixed)),
+            return method.teacher_targets(method.teacher["dino_head"](method.teacher["backbone"](fixed)),
                                            "dino_center", cfg.teacher_temp_at(0))
 
         def train(n: int, step: int) -> float:

@@ -43,12 +43,15 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fl_plugins.engine.lr import cosine_lr
+from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
+from fl_plugins.engine.method import MethodBase
 from fl_plugins.engine.metrics import ClassificationMetric, SegmentationMetric
+from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.models.factory import TASK_OF_ARCH, build_model
 
 __all__ = [
     "FinetuneConfig",
+    "FinetuneMethod",
     "FinetuneTrainer",
     "evaluate_checkpoint",
     "evaluate_model",
@@ -230,10 +233,16 @@ class FinetuneConfig:
         return asdict(self)
 
     def lr_at(self, global_step: int) -> float:
-        """LR of ``global_step`` (pure function: warmup + cosine to ``lr * min_lr_ratio`` over ``total_steps``)."""
+        """LR of ``global_step`` (pure function; the warm-up convention of :mod:`fl_plugins.core.schedules`).
+
+        Linear warm-up ``0 -> lr`` over ``warmup_steps`` (0 at step 0, ``lr`` at step ``warmup_steps``), then
+        half-cosine ``lr -> lr * min_lr_ratio`` reached at ``total_steps``; constant ``lr`` after the warm-up when
+        ``total_steps`` is None.
+        """
         if self.total_steps is None:
-            return self.lr * min(1.0, (global_step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
-        return cosine_lr(global_step, self.total_steps, self.lr, self.lr * self.min_lr_ratio, self.warmup_steps)
+            return linear_warmup_then_constant(global_step, self.warmup_steps, 0.0, self.lr)
+        return cosine_with_warmup(global_step, self.total_steps, self.warmup_steps, self.lr,
+                                  self.lr * self.min_lr_ratio)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,6 +418,79 @@ def _round_seed(seed: int, global_step: int) -> int:
     return (int(seed) * 1_000_003 + int(global_step)) % (2**63)
 
 
+class FinetuneMethod(MethodBase):
+    """Supervised fine-tuning as a :class:`~fl_plugins.engine.method.Method`: the network, its loss, its LR schedule.
+
+    The wire keys are the network's own ``state_dict`` keys (no wrapper prefix: :meth:`state_module`); the
+    taxonomy is the module docstring's table (federated = :func:`federated_keys`, site = the rest).
+
+    Args:
+        config: settings (``config.model`` is the network's ``build_model`` config; built under ``config.seed``).
+    """
+
+    def __init__(self, config: FinetuneConfig) -> None:
+        super().__init__(config)
+        self.task = config.task
+        self.num_classes = _num_classes(config.model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = build_model(config.model)
+        if self.task == "segmentation":
+            # MONAI defaults otherwise: Dice over all channels incl. background, lambda_dice = lambda_ce = 1
+            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+        else:
+            self.loss_fn = nn.CrossEntropyLoss()
+        self._federated = federated_keys(self.model)
+
+    def state_module(self) -> nn.Module:
+        return self.model
+
+    def state_taxonomy(self) -> dict[str, list[str]]:
+        keys = list(self.model.state_dict())
+        fed = set(self._federated)
+        return {"federated": sorted(fed), "site": sorted(k for k in keys if k not in fed), "rebuilt": []}
+
+    def federated_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._subset(self._federated)  # in state_dict order
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """One group of the trainable parameters; the weight decay stays ``config.weight_decay`` (not scheduled)."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def training_step(
+        self, batch: Mapping[str, Any], global_step: int, rng: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one labelled batch ``{"image": [B, C, H, W], "label": [B, H, W] | [B]}``, augmented (flips,
+        90-degree rotations) with ``rng``. Stats: ``loss``, ``batch_size``."""
+        if "label" not in batch:
+            raise ValueError("training items need a 'label' (unlabelled items cannot be used for fine-tuning)")
+        x, y = batch["image"], batch["label"]
+        if self.task == "segmentation":
+            y = _seg_labels(y, x)
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise ValueError(
+                    f"segmentation labels must be in [0, {self.num_classes - 1}], got [{int(y.min())}, {int(y.max())}]"
+                )
+            x, y = _augment(x, y, self.config.aug_flip, self.config.aug_rot90, rng)
+            loss = self.loss_fn(self.model(x), y.unsqueeze(1))
+        else:
+            y = y.reshape(-1)
+            x, _ = _augment(x, None, self.config.aug_flip, self.config.aug_rot90, rng)
+            loss = self.loss_fn(self.model(x), y)
+        return loss, {"loss": float(loss.detach()), "batch_size": float(x.shape[0])}
+
+    def lr_at(self, global_step: int) -> float:
+        return self.config.lr_at(global_step)
+
+    @property
+    def clip_grad(self) -> float | None:
+        return self.config.grad_clip
+
+    def backbone(self) -> nn.Module:
+        """The ViT backbone of ViT models; the whole network for the U-Net (its export is the whole network)."""
+        return getattr(self.model, "backbone", self.model)
+
+
 class FinetuneTrainer:
     """Model + site-persistent optimizer for local supervised training in FL rounds.
 
@@ -431,20 +513,11 @@ class FinetuneTrainer:
         self.task = config.task
         self.num_classes = _num_classes(config.model)
         self.device = torch.device(config.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.model = build_model(config.model).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
-        if self.task == "segmentation":
-            # MONAI defaults otherwise: Dice over all channels incl. background, lambda_dice = lambda_ce = 1
-            self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
-        else:
-            self.loss_fn = nn.CrossEntropyLoss()
-        self._federated = federated_keys(self.model)
+        self.method = FinetuneMethod(config).to(self.device)
+        self.model = self.method.model
+        self.loss_fn = self.method.loss_fn
+        self.optimizer = build_optimizer(self.method, kind=config.optimizer, weight_decay=config.weight_decay)
+        self._federated = self.method._federated
         self.total_local_steps = 0
 
     # -- federated state --------------------------------------------------------------------------------------------
@@ -515,24 +588,6 @@ class FinetuneTrainer:
         while True:  # cycle: a new pass reshuffles with the same generator
             yield from loader
 
-    def _loss(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, int]:
-        if "label" not in batch:
-            raise ValueError("training items need a 'label' (unlabelled items cannot be used for fine-tuning)")
-        x, y = batch["image"], batch["label"]
-        if self.task == "segmentation":
-            y = _seg_labels(y, x)
-            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                raise ValueError(
-                    f"segmentation labels must be in [0, {self.num_classes - 1}], got [{int(y.min())}, {int(y.max())}]"
-                )
-            x, y = _augment(x, y, self.config.aug_flip, self.config.aug_rot90, g)
-            x, y = x.to(self.device), y.to(self.device)
-            return self.loss_fn(self.model(x), y.unsqueeze(1)), x.shape[0]
-        y = y.reshape(-1)
-        x, _ = _augment(x, None, self.config.aug_flip, self.config.aug_rot90, g)
-        x, y = x.to(self.device), y.to(self.device)
-        return self.loss_fn(self.model(x), y), x.shape[0]
-
     def train_steps(self, num_steps: int, global_step: int) -> dict:
         """Run exactly ``num_steps`` optimizer steps.
 
@@ -553,33 +608,12 @@ class FinetuneTrainer:
         t0 = time.perf_counter()
         seed = _round_seed(self.config.seed, global_step)
         g = torch.Generator().manual_seed(seed)
-        self.model.train()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        total_loss, samples, lr = 0.0, 0, self.config.lr
-        log_every = max(1, num_steps // 5)
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             torch.manual_seed(seed)
-            batches = self._batches(g)
-            for i in range(num_steps):
-                lr = self.config.lr_at(global_step + i)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, n = self._loss(next(batches), g)
-                if not bool(torch.isfinite(loss.detach())):
-                    raise FloatingPointError(f"non-finite training loss at global step {global_step + i}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.config.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-                self.optimizer.step()
-                self.total_local_steps += 1
-                loss_value = float(loss.detach())
-                total_loss += loss_value * n
-                samples += n
-                if (i + 1) % log_every == 0:
-                    logger.debug("step %d/%d (global %d): loss %.4f lr %.3g", i + 1, num_steps, global_step + i,
-                                 loss_value, lr)
-        mean_loss = total_loss / samples
+            stats = run_local_steps(self.method, self._batches(g), self.optimizer, num_steps, global_step, rng=g)
+        self.total_local_steps += num_steps
+        mean_loss, lr = stats["loss"], stats["lr"]
+        samples = int(round(stats["batch_size"] * num_steps))
         logger.info(
             "trained %d steps (global %d..%d) on %d samples: mean loss %.4f, last lr %.3g, %.1f s",
             num_steps, global_step, global_step + num_steps - 1, samples, mean_loss, lr, time.perf_counter() - t0,

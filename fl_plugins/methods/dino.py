@@ -24,7 +24,7 @@ C       ``teacher.*``                          ``buffers.*``                    
 
 "Round start" is :meth:`DINOMethod.load_federated_state_dict`: it loads the global state, then applies the
 rebuild rule of the mode. Outside ``state_dict`` and never on the wire (methods-spec 1.2): optimiser state
-(owned by the caller of ``fl_plugins.engine.ssl_train.run_local_steps``: keeping one AdamW across rounds makes
+(owned by the caller of ``fl_plugins.engine.train_loop.run_local_steps``: keeping one AdamW across rounds makes
 it site-persistent, calling ``build_optimizer`` each round makes it ephemeral), schedule
 values (pure functions of the global step), iBOT masks (pure function of ``(config.seed, global_step)``).
 
@@ -50,6 +50,7 @@ from fl_plugins.core.ibot_loss import ibot_patch_loss
 from fl_plugins.core.koleo import koleo_loss
 from fl_plugins.core.masked_vit import add_mask_token, forward_tokens
 from fl_plugins.core.masking import BlockMaskGenerator, sample_ibot_masks
+from fl_plugins.engine.train_loop import adamw_param_groups
 from fl_plugins.methods.dino_config import DINOConfig
 from fl_plugins.models.backbone import create_backbone
 
@@ -150,7 +151,9 @@ class DINOMethod(nn.Module):
         )
 
     # ---- training ----------------------------------------------------------------------------------------------
-    def _teacher_targets(self, logits: Tensor, center_name: str, teacher_temp: float) -> Tensor:
+    def teacher_targets(self, logits: Tensor, center_name: str, teacher_temp: float) -> Tensor:
+        """Teacher target probabilities of ``logits [N, K]``: Sinkhorn-Knopp, or softmax of the logits centred by
+        ``self.centers.<center_name>`` (``"dino_center"`` / ``"ibot_center"``), at ``teacher_temp``."""
         if self.config.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(logits, teacher_temp, self.config.sinkhorn_iterations)
         return centered_teacher_probs(logits, getattr(self.centers, center_name), teacher_temp)
@@ -179,13 +182,21 @@ class DINOMethod(nn.Module):
         return out
 
     def training_step(
-        self, views: Sequence[Tensor], global_step: int, *, masks: Tensor | None = None
+        self,
+        views: Sequence[Tensor] | Mapping[str, Any],
+        global_step: int,
+        rng: torch.Generator | None = None,
+        *,
+        masks: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss of one batch of multi-crop views; updates the centres (no gradient) as a side effect.
 
         Args:
-            views: ``[g1, g2, l1, ..., lL]``: 2 global crops ``[B, C, G, G]`` then local crops ``[B, C, s, s]``.
+            views: ``[g1, g2, l1, ..., lL]``: 2 global crops ``[B, C, G, G]`` then local crops ``[B, C, s, s]``;
+                or a batch ``{"views": [...], "masks": ...}``.
             global_step: server-owned global step (teacher temperature; default iBOT masks).
+            rng: unused (the iBOT masks are a pure function of ``(config.seed, global_step)``; the augmentation
+                streams belong to the data loader).
             masks: dinov2 only, optional ``[2B, G/p, G/p]`` bool iBOT masks for ``cat(g1, g2)``; default
                 :meth:`sample_masks`.
 
@@ -195,6 +206,9 @@ class DINOMethod(nn.Module):
             ``teacher_mean_entropy``, ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`) and for
             dinov2 ``koleo_loss``, ``ibot_loss``, ``mask_ratio``.
         """
+        if isinstance(views, Mapping):
+            masks = views.get("masks") if masks is None else masks
+            views = views["views"]
         cfg = self.config
         batch = self._check_views(views)
         n_glob = N_GLOBAL_CROPS * batch
@@ -219,7 +233,7 @@ class DINOMethod(nn.Module):
             else:
                 t_logits = self.teacher["dino_head"](self.teacher["backbone"](global_views))
             t_cls_logits, t_patch_logits = t_logits[:n_glob], t_logits[n_glob:]
-            t_cls_probs = self._teacher_targets(t_cls_logits, "dino_center", teacher_temp)
+            t_cls_probs = self.teacher_targets(t_cls_logits, "dino_center", teacher_temp)
 
         # student: all crops; globals masked for iBOT; one head call for CLS (globals, locals) + masked patches
         if use_ibot:
@@ -243,7 +257,7 @@ class DINOMethod(nn.Module):
             stats["koleo_loss"] = float(koleo.detach())
         if use_ibot:
             with torch.no_grad():
-                t_patch_probs = self._teacher_targets(t_patch_logits, "ibot_center", teacher_temp)
+                t_patch_probs = self.teacher_targets(t_patch_logits, "ibot_center", teacher_temp)
             ibot = ibot_patch_loss(t_patch_probs, s_logits[n_cls:], masks, cfg.student_temp)
             loss = loss + cfg.ibot_weight * ibot
             stats["ibot_loss"] = float(ibot.detach())
@@ -267,6 +281,31 @@ class DINOMethod(nn.Module):
         m = self.config.teacher_momentum_at(global_step)
         update_momentum(self.student, self.teacher, m)
         return m
+
+    # ---- Method protocol (fl_plugins.methods.base) ---------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups over the student's trainable parameters (no decay on biases and 1-D tensors [V])."""
+        return adamw_param_groups(self.student)
+
+    def after_backward(self, global_step: int) -> dict[str, float]:
+        return {"last_layer_frozen": float(self.cancel_last_layer_gradients(global_step))}
+
+    def after_step(self, global_step: int) -> dict[str, float]:
+        return {"teacher_momentum": self.update_teacher(global_step)}
+
+    def lr_at(self, global_step: int) -> float:
+        return self.config.lr_at(global_step)
+
+    def weight_decay_at(self, global_step: int) -> float:
+        return self.config.weight_decay_at(global_step)
+
+    @property
+    def clip_grad(self) -> float | None:
+        return self.config.clip_grad if self.config.clip_grad > 0 else None
+
+    def backbone(self) -> nn.Module:
+        """The teacher backbone: what the k-NN monitor reads and what is exported (methods-spec 2.7 [V])."""
+        return self.teacher["backbone"]
 
     # ---- state taxonomy ----------------------------------------------------------------------------------------
     def state_taxonomy(self) -> dict[str, list[str]]:

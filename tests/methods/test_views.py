@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fl_plugins.data.view_config import VIEW_SETTING_FIELDS, views_for_method
 from fl_plugins.data.views import MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate
-from fl_plugins.methods.view_config import VIEW_SETTING_FIELDS, views_for_method
 
 
 @pytest.mark.parametrize("variant,n_local", [("dino", 2), ("dinov2", 0), ("dino", 4)])

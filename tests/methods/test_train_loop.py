@@ -11,7 +11,7 @@ from torch import nn
 
 from fl_plugins.engine.export import export_backbone
 from fl_plugins.engine.knn import knn_accuracy, knn_predict
-from fl_plugins.engine.ssl_train import adamw_param_groups, build_optimizer, run_local_steps
+from fl_plugins.engine.train_loop import adamw_param_groups, build_optimizer, run_local_steps
 from fl_plugins.methods import DINOMethod
 from fl_plugins.models.backbone import BackboneCheckpointError, create_backbone, load_backbone_state
 

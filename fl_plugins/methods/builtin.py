@@ -1,0 +1,47 @@
+"""The package's own methods, registered under their public names (imported by the registry on first use).
+
+======== =========================================== ================================================================
+name     config                                      batches
+======== =========================================== ================================================================
+dino     :class:`~fl_plugins.methods.dino_config.    multi-crop views (:meth:`DINOConfig.training_views` + the job's
+         DINOConfig` fields (``variant``: dino or      ``views`` settings), ``[g1, g2, l1..lL]``
+         dinov2)
+finetune :class:`~fl_plugins.engine.finetune.        labelled items ``{"image", "label"}`` (the handler builds them)
+         FinetuneConfig` fields
+======== =========================================== ================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fl_plugins.methods.registry import register_method
+
+__all__: list[str] = []
+
+
+def _build_dino(config: dict[str, Any]) -> Any:
+    from fl_plugins.methods.dino import DINOConfig, DINOMethod
+
+    try:
+        return DINOMethod(DINOConfig.from_dict(dict(config)))
+    except TypeError as e:  # an unknown field: DINOConfig names it
+        raise ValueError(f"dino settings: {e}") from e
+
+
+def _dino_views(config: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
+    from fl_plugins.data.views import MultiCropTransform, multicrop_collate
+
+    return MultiCropTransform(config.training_views(settings)), multicrop_collate
+
+
+def _build_finetune(config: dict[str, Any]) -> Any:
+    from fl_plugins.engine.finetune import FinetuneConfig, FinetuneMethod
+
+    return FinetuneMethod(FinetuneConfig.from_dict(dict(config)))
+
+
+register_method("dino", _build_dino, views=_dino_views,
+                description="DINO / DINOv2 self-distillation (student, EMA teacher, centres; modes A/B/C)")
+register_method("finetune", _build_finetune,
+                description="supervised fine-tuning (segmentation or classification) of a build_model network")
