@@ -27,29 +27,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        k, raw = item.split("=", 1)
-        try:
-            out[k] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[k] = raw
-    return out
+from fl_plugins.settings import parse_set
 
 
 def main(argv: list[str] | None = None) -> int:
     from fl_plugins.core.collapse import target_entropies
     from fl_plugins.engine.knn import knn_accuracy
     from fl_plugins.engine.train_loop import run_local_steps
-    from fl_plugins.flare.dino_executor import DinoHandler
+    from fl_plugins.flare.ssl_handler import DinoHandler
     from fl_plugins.flare.handler import SiteContext
     from fl_plugins.flare.job_builder import job_settings
 
@@ -71,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--datalist {a.datalist!r} does not exist")
     torch.set_num_threads(a.threads)
 
-    dino = dict(job_settings(a.job, {"dino": _parse_set(a.set)})["dino"], total_steps=a.steps)
+    dino = dict(job_settings(a.job, {"dino": parse_set(a.set)})["dino"], total_steps=a.steps)
     site = SiteContext(site_name=Path(a.datalist).parent.name, datalist_path=a.datalist, workspace_dir=".",
                        log_scalar=lambda *_: None)
     h = DinoHandler(site, dino, steps_per_round=a.every, total_rounds=max(1, a.steps // a.every), knn_every=1,
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         views = h.loader.dataset.transform.config
         h.loader.dataset.transform = MultiCropTransform(dataclasses.replace(views, **{
-            k: tuple(v) if isinstance(v, list) else v for k, v in _parse_set(a.views).items()}))
+            k: tuple(v) if isinstance(v, list) else v for k, v in parse_set(a.views).items()}))
     fixed = torch.cat(list(next(iter(h.loader))[:2]))  # both global crops of one batch
     cfg = h.method.config
 
@@ -129,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return float("nan")
 
     print(f"{a.reference}: {a.job} on {len(h.loader.dataset)} images of {a.datalist}; log K = "
-          f"{math.log(cfg.out_dim):.2f}; settings {json.dumps(_parse_set(a.set))} views {json.dumps(_parse_set(a.views))}", flush=True)
+          f"{math.log(cfg.out_dim):.2f}; settings {json.dumps(parse_set(a.set))} views {json.dumps(parse_set(a.views))}", flush=True)
     t0 = time.perf_counter()
     step = 0
     while True:

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl_plugins.atomic_io import atomic_write_json
+
 ARMS = ("dino", "random", "unet")
 
 
@@ -107,7 +109,7 @@ def initial_global_params(model_cfg: dict[str, Any], seed: int) -> dict[str, np.
 
 def run_one(arm: str, seed: int, a: argparse.Namespace, datalists: list[Path], num_classes: int) -> dict[str, Any]:
     from fl_plugins.engine.evaluation import evaluate_sites
-    from fl_plugins.flare.finetune_executor import FinetuneHandler
+    from fl_plugins.flare.finetune_handler import FinetuneHandler
     from fl_plugins.flare.handler import SiteContext
     from fl_plugins.flare.inprocess import run_fedavg
 
@@ -248,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['seconds']['total']:.0f}s", flush=True)
             result = {"settings": settings, "runs": runs, "summary": summarize(runs),
                       "torch_threads": torch.get_num_threads()}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out)
+            atomic_write_json(result, out, indent=1)
     s = summarize(runs)
     print(json.dumps(s, indent=1))
     print(f"total {time.perf_counter() - t_all:.0f}s; wrote {out}")

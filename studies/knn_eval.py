@@ -33,7 +33,7 @@ import torch
 def site_items(datalist: Path, image_size: int, bank: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(bank items, query items) ``{"image": [1, S, S], "label": int}`` of one site."""
     from fl_plugins.data import build_dataset, load_datalist
-    from fl_plugins.flare.dino_executor import _knn_items
+    from fl_plugins.engine.knn import knn_items
 
     dl = load_datalist(datalist)
     medmnist = dl["format"] == "medmnist"
@@ -42,7 +42,7 @@ def site_items(datalist: Path, image_size: int, bank: int, seed: int = 0) -> tup
     if not held_out:
         raise SystemExit(f"{datalist}: no validation or test entries to query")
     queries = build_dataset(dl, held_out, image_size=image_size, with_labels=medmnist)
-    return _knn_items(train, bank, seed), _knn_items(queries, len(queries), seed)
+    return knn_items(train, bank, seed), knn_items(queries, len(queries), seed)
 
 
 def correct(backbone: torch.nn.Module, bank: list[dict], queries: list[dict]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Framework-free supervised fine-tuning (segmentation / classification) of one site, as FL needs it.
 
-No ``nvflare`` here: :class:`FinetuneTrainer` is driven by ``fl_plugins.flare.finetune_executor`` (or any loop).
+No ``nvflare`` here: :class:`FinetuneTrainer` is driven by ``fl_plugins.flare.finetune_handler`` (or any loop).
 
 State taxonomy (what crosses the wire, what a site keeps, what is rebuilt):
 

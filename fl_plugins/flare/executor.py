@@ -28,20 +28,37 @@ __all__ = ["HandlerExecutor"]
 
 
 class HandlerExecutor(Executor):
-    """Base class: subclasses implement :meth:`build_handler` (and store their constructor args as attributes
-    named like the arguments, so FLARE's job export keeps them)."""
+    """Routes FLARE tasks to the registered task handler ``handler`` built with ``args``.
 
-    def __init__(self) -> None:
+    Args:
+        handler: registered handler name (:data:`fl_plugins.flare.handlers.HANDLERS`: ``finetune``, ``ssl``,
+            ``dino``); the tasks it answers are the handler class's ``TASKS`` (the job builder sends exactly those).
+        handler_args: the handler's keyword arguments (everything but the site context), e.g. ``{"method": "dino",
+            "config": {...}, "steps_per_round": 5}``; checked against the handler's signature at start-up.
+        imports: plugin modules to import before the handler is built (they register methods defined outside the
+            package, e.g. shipped in the job's custom code).
+    """
+
+    def __init__(
+        self, handler: str, handler_args: dict[str, Any] | None = None, imports: list[str] | None = None
+    ) -> None:
         super().__init__()
+        self.handler = handler
+        self.handler_args = dict(handler_args or {})
+        self.imports = list(imports or [])
         self._handler: TaskHandler | None = None
         self._tasks: dict = {}
         self._engine = None
         self._site_ctx: SiteContext | None = None
         self._setup_error: str | None = None
 
-    # -- to implement ---------------------------------------------------------------------------------------------
-    def build_handler(self, site: SiteContext) -> TaskHandler:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def build_handler(self, site: SiteContext) -> TaskHandler:
+        """Import the plugins, then build the handler for ``site`` (pure: no FLARE context needed)."""
+        from fl_plugins.flare.handlers import handler_class
+        from fl_plugins.methods import import_plugins
+
+        import_plugins(self.imports)
+        return handler_class(self.handler)(site, **self.handler_args)
 
     # -- FLARE plumbing ---------------------------------------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:

@@ -1,8 +1,10 @@
-"""FedAvg over task handlers in one process: the same handler code and weighting as the FLARE jobs, without
-FLARE's processes. Used by benchmarks (the "plain process" baseline) and by studies that need many seeds on a CPU.
+"""FedAvg over task handlers in one process: the same handler code and the same aggregator as the FLARE jobs,
+without FLARE's processes. Used by benchmarks (the "plain process" baseline) and by studies that need many seeds on
+a CPU.
 
-Aggregation = the weighted mean of each federated key with weights ``meta["NUM_STEPS_CURRENT_ROUND"]`` (what
-nvflare's ``FedAvg`` does with ``WeightedAggregationHelper``).
+Aggregation = an nvflare ``ModelAggregator`` (default :class:`~fl_plugins.flare.aggregators.WeightedAverage`: the
+weighted mean of each federated key with weights ``meta["NUM_STEPS_CURRENT_ROUND"]``, what nvflare's ``FedAvg``
+does with ``WeightedAggregationHelper``).
 """
 
 from __future__ import annotations
@@ -13,22 +15,22 @@ from typing import Any
 
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+
+from fl_plugins.flare.aggregators import WeightedAverage
 
 __all__ = ["fedavg", "run_fedavg"]
 
 
-def fedavg(results: Sequence[FLModel]) -> dict[str, np.ndarray]:
-    """Weighted mean of ``params`` over results (weights = ``NUM_STEPS_CURRENT_ROUND``, default 1)."""
+def fedavg(results: Sequence[FLModel], aggregator: ModelAggregator | None = None) -> dict[str, np.ndarray]:
+    """Aggregate one round's ``results`` with ``aggregator`` (default a fresh ``WeightedAverage``)."""
     if not results:
         raise ValueError("fedavg needs at least one result")
-    keys = set(results[0].params)
-    for r in results[1:]:
-        if set(r.params) != keys:
-            raise ValueError(f"results disagree on keys: {sorted(keys ^ set(r.params))[:5]}")
-    w = np.array([float((r.meta or {}).get("NUM_STEPS_CURRENT_ROUND", 1.0)) for r in results], dtype=np.float64)
-    w = w / w.sum()
-    return {k: sum(wi * np.asarray(r.params[k], dtype=np.float64) for wi, r in zip(w, results)).astype(np.float32)
-            for k in keys}
+    agg = aggregator or WeightedAverage()
+    agg.reset_stats()
+    for r in results:
+        agg.accept_model(r)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in agg.aggregate_model().params.items()}
 
 
 def run_fedavg(
@@ -39,6 +41,7 @@ def run_fedavg(
     final_validation: bool = True,
     start_round: int = 0,
     total_rounds: int | None = None,
+    aggregator: ModelAggregator | None = None,
 ) -> dict[str, Any]:
     """Run ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
 
@@ -65,7 +68,7 @@ def run_fedavg(
             for i in range(len(handlers)):
                 run(i)
         history.append([res.metrics for res in results])
-        params = fedavg(results)
+        params = fedavg(results, aggregator)
     final = []
     if final_validation:
         g = FLModel(params=params, params_type=ParamsType.FULL, current_round=start_round + rounds, total_rounds=total)

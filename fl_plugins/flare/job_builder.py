@@ -22,10 +22,10 @@ from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 
-from fl_plugins.flare.controllers import FedAvgWithFinalValidation
+from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.methods.dino_config import DINOConfig
-from fl_plugins.methods.view_config import VIEW_SETTING_FIELDS
+from fl_plugins.settings import merge_settings
 
 __all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs", "job_names"]
 
@@ -36,8 +36,18 @@ NON_FEDERATED_BUFFERS = r".*num_batches_tracked$"
 #: Weight transfer formats: float32 (None) or nvflare's quantization filters (need bitsandbytes on every party).
 QUANTIZATION_TYPES = (None, "float16", "blockwise8")
 
-#: Task names every fine-tuning / pretraining executor handles.
-TRAIN_TASKS = ["train", "validate", "submit_model"]
+#: Server workflows a job may name (``fl.controller``): "module:Class" of a ``ModelController`` taking
+#: ``num_clients``, ``num_rounds``, ``persistor_id``, ``task_check_period`` and ``aggregator``.
+CONTROLLERS: dict[str, str] = {"fedavg": "fl_plugins.flare.controllers:FedAvgWithFinalValidation"}
+#: Aggregators a job may name (``fl.aggregator``): nvflare ``ModelAggregator`` classes.
+AGGREGATORS: dict[str, str] = {"weighted_average": "fl_plugins.flare.aggregators:WeightedAverage"}
+
+
+def _load(ref: str) -> Any:
+    import importlib
+
+    module, _, cls = ref.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass
@@ -50,6 +60,8 @@ class FLSettings:
     task_check_period: float = 0.05  # s; nvflare default 0.5 s
     key_metric: str = "val_dice"
     quantization: str | None = None  # None (float32) | "float16" | "blockwise8": FLARE's ModelQuantizer filters
+    controller: str = "fedavg"  # a name in CONTROLLERS (the server workflow)
+    aggregator: str | None = None  # None: the controller's built-in weighted FedAvg; else a name in AGGREGATORS
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_TYPES:
@@ -60,41 +72,59 @@ class FLSettings:
             raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
         if not 0 < self.task_request_interval <= 60:
             raise ValueError(f"task_request_interval must be in (0, 60] seconds, got {self.task_request_interval}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
+        if self.aggregator is not None and self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be null or one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
         if not 0 < self.task_check_period <= 60:
             raise ValueError(f"task_check_period must be in (0, 60] seconds, got {self.task_check_period}")
 
 
 def build_fedavg_job(
     name: str,
-    executor: Any,
-    model_config: dict[str, Any],
+    handler: str,
+    handler_args: dict[str, Any],
     fl: FLSettings,
+    model_config: dict[str, Any] | None = None,
+    method: str | None = None,
+    method_config: dict[str, Any] | None = None,
     exclude_vars: str | None = NON_FEDERATED_BUFFERS,
+    imports: list[str] | None = None,
 ) -> FedJob:
-    """FedAvg job: server persistor built from ``model_config``, best/last checkpoints, per-site TensorBoard.
+    """A job of the plugin architecture: server persistor of the global model (``model_config`` or the registered
+    ``method``), the named controller (and aggregator), best/last checkpoints, per-site TensorBoard; on the
+    sites, one :class:`~fl_plugins.flare.executor.HandlerExecutor` answering exactly its handler's ``TASKS``.
 
     Args:
         name: job name (folder name when exported).
-        executor: a ``fl_plugins.flare`` executor instance handling :data:`TRAIN_TASKS`.
-        model_config: ``fl_plugins.models.factory.build_model`` config of the *global* (federated) model.
-        fl: run-level settings.
+        handler: registered task handler (``fl_plugins.flare.handlers.HANDLERS``).
+        handler_args: the handler's keyword arguments.
+        fl: run-level settings (controller, aggregator, rounds, quantization, latency knobs).
+        model_config / method / method_config: what the server's initial global model is built from (one of them).
         exclude_vars: regex of state keys the persistor never stores/sends (site-local state).
+        imports: plugin modules the sites and the server import first.
     """
+    from fl_plugins.flare.executor import HandlerExecutor
+    from fl_plugins.flare.handlers import handler_class
+
+    tasks = list(handler_class(handler).TASKS)
     job = FedJob(name=name, min_clients=fl.min_clients)
     job.set_app_packages(["fl_plugins"])
-    controller = FedAvgWithFinalValidation(
+    aggregator = _load(AGGREGATORS[fl.aggregator])() if fl.aggregator else None
+    controller = _load(CONTROLLERS[fl.controller])(
         num_clients=fl.min_clients,  # the minimum number of connected sites a round needs
-        sites_per_round=None,  # every connected site trains in every round; a lost site is dropped
         num_rounds=fl.num_rounds,
         persistor_id="persistor",
         task_check_period=fl.task_check_period,
+        aggregator=aggregator,
     )
     job.to_server(controller, id="controller")
-    job.to_server(ConfigModelPersistor(model_config=model_config, exclude_regex=exclude_vars), id="persistor")
+    job.to_server(ConfigModelPersistor(model_config=model_config, exclude_regex=exclude_vars, method=method,
+                                       method_config=method_config, imports=imports), id="persistor")
     job.to_server(IntimeModelSelector(key_metric=fl.key_metric), id="model_selector")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
-    job.to_clients(executor, tasks=TRAIN_TASKS)
+    job.to_clients(HandlerExecutor(handler=handler, handler_args=handler_args, imports=imports), tasks=tasks)
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
     if fl.quantization:
         _add_quantization(job, fl.quantization)
@@ -138,37 +168,12 @@ def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _merge(
-    base: dict[str, Any], overrides: dict[str, Any], where: str = "", open_keys: dict[str, frozenset[str]] | None = None
-) -> dict[str, Any]:
-    """``base`` updated with ``overrides``; a key that is neither in ``base`` nor, for the sub-dict at dotted path
-    ``p``, in ``open_keys[p]`` (e.g. every ``DINOConfig`` field under ``dino``) is rejected with the known keys."""
-    out = copy.deepcopy(base)
-    allowed = (open_keys or {}).get(where.rstrip("."), frozenset())
-    for k, v in overrides.items():
-        if k not in out and k not in allowed:
-            raise ValueError(f"unknown job setting {where + k!r}; known: {sorted(set(out) | allowed)}")
-        if isinstance(out.get(k), dict) and isinstance(v, dict):
-            out[k] = _merge(out[k], v, where + k + ".", open_keys)
-        else:
-            out[k] = v
-    return out
-
-
 def _finetune_builder(name: str, s: dict[str, Any]) -> FedJob:
-    from fl_plugins.flare.finetune_executor import FinetuneExecutor
-
     fl = FLSettings(**s["fl"])
     model_cfg = s["model"]
-    exclude = _non_federated(model_cfg)
-    executor = FinetuneExecutor(
-        model=model_cfg,
-        trainer=s["trainer"],
-        image_size=s["image_size"],
-        num_labelled_patients=s["num_labelled_patients"],
-        total_rounds=fl.num_rounds,
-    )
-    return build_fedavg_job(name, executor, model_cfg, fl, exclude_vars=exclude)
+    args = {"model": model_cfg, "trainer": s["trainer"], "image_size": s["image_size"],
+            "num_labelled_patients": s["num_labelled_patients"], "total_rounds": fl.num_rounds}
+    return build_fedavg_job(name, "finetune", args, fl, model_config=model_cfg, exclude_vars=_non_federated(model_cfg))
 
 
 def _non_federated(model_cfg: dict[str, Any]) -> str:
@@ -242,14 +247,14 @@ def build_job(name: str, overrides: dict[str, Any] | None = None) -> FedJob:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
     spec = JOBS[name]
-    settings = _merge(_with_fl_defaults(spec.defaults), overrides or {}, open_keys=spec.open_keys)
+    settings = merge_settings(_with_fl_defaults(spec.defaults), overrides or {}, open_keys=spec.open_keys)
     return spec.builder(name, settings)
 
 
 def job_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; available jobs: {job_names()}")
-    return _merge(_with_fl_defaults(JOBS[name].defaults), overrides or {}, open_keys=JOBS[name].open_keys)
+    return merge_settings(_with_fl_defaults(JOBS[name].defaults), overrides or {}, open_keys=JOBS[name].open_keys)
 
 
 def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -263,7 +268,7 @@ def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Pat
 
 
 def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
-    from fl_plugins.flare.dino_executor import MODE_EXCLUDE_REGEX, DinoExecutor
+    from fl_plugins.flare.ssl_handler import MODE_EXCLUDE_REGEX
 
     fl = FLSettings(**s["fl"])
     dino = dict(s["dino"])
@@ -275,12 +280,11 @@ def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
         raise ValueError(f"dino settings: {e}") from e
     views = dict(s["views"])
     cfg.training_views(views)  # validated here too: a bad view setting is named when the job is built
-    executor = DinoExecutor(
-        dino=dino, steps_per_round=s["steps_per_round"], total_rounds=fl.num_rounds, knn_every=s["knn_every"],
-        knn_max_items=s["knn_max_items"], views=views,
-    )
+    args = {"dino": dino, "steps_per_round": s["steps_per_round"], "total_rounds": fl.num_rounds,
+            "knn_every": s["knn_every"], "knn_max_items": s["knn_max_items"], "views": views}
     mode = dino.get("federation_mode", "A")
-    return build_fedavg_job(name, executor, {"arch": "dino", "config": dino}, fl, exclude_vars=MODE_EXCLUDE_REGEX[mode])
+    return build_fedavg_job(name, "dino", args, fl, method="dino", method_config=dino,
+                            exclude_vars=MODE_EXCLUDE_REGEX[mode])
 
 
 _DINO = {

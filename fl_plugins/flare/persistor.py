@@ -19,35 +19,57 @@ __all__ = ["ConfigModelPersistor"]
 
 class ConfigModelPersistor(PTFileModelPersistor):
     """Args:
-    model_config: the model config dict accepted by ``fl_plugins.models.factory.build_model``.
-    exclude_regex: regex of state keys never persisted/sent (e.g. site-local heads).
+    model_config: the model config dict accepted by ``fl_plugins.models.factory.build_model`` (fine-tuning jobs),
+        or None when ``method`` is given.
+    exclude_regex: regex of state keys never persisted/sent (the method's site-kept and rebuilt state).
+    method / method_config: a registered method (``fl_plugins.methods.build``) whose wire state is the global model
+        (pretraining jobs: the keys of ``method.state_module().state_dict()``).
+    imports: plugin modules to import first (methods registered outside the package).
     global_model_file_name / best_global_model_file_name: file names under the server app folder.
     """
 
     def __init__(
         self,
-        model_config: dict[str, Any],
+        model_config: dict[str, Any] | None = None,
         exclude_regex: str | None = None,
+        method: str | None = None,
+        method_config: dict[str, Any] | None = None,
+        imports: list[str] | None = None,
         global_model_file_name: str = "FL_global_model.pt",
         best_global_model_file_name: str = "best_FL_global_model.pt",
     ) -> None:
+        if (model_config is None) == (method is None):
+            raise ValueError("ConfigModelPersistor needs exactly one of model_config and method")
         super().__init__(
             exclude_vars=exclude_regex,
             model=None,
             global_model_file_name=global_model_file_name,
             best_global_model_file_name=best_global_model_file_name,
         )
-        self.model_config = dict(model_config)
+        self.model_config = dict(model_config) if model_config is not None else None
         self.exclude_regex = exclude_regex  # kept as a string for job export (the parent compiles it)
+        self.method = method
+        self.method_config = dict(method_config or {})
+        self.imports = list(imports or [])
         self.model = None
+
+    def build_global_model(self) -> Any:
+        """The module whose ``state_dict`` (less ``exclude_regex``) is the initial global model."""
+        if self.model_config is not None:
+            from fl_plugins.models.factory import build_model
+
+            return build_model(self.model_config)
+        from fl_plugins.methods import build, import_plugins
+
+        import_plugins(self.imports)
+        method = build(self.method, self.method_config)
+        return method.state_module() if hasattr(method, "state_module") else method
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
         if event == EventType.START_RUN and self.model is None:
-            from fl_plugins.models.factory import build_model
-
             try:
-                self.model = build_model(self.model_config)
+                self.model = self.build_global_model()
             except Exception as e:
-                self.system_panic(reason=f"cannot build the global model from model_config: {e}", fl_ctx=fl_ctx)
+                self.system_panic(reason=f"cannot build the global model ({'method ' + repr(self.method) if self.method else 'model_config'}): {e}", fl_ctx=fl_ctx)
                 return
         super().handle_event(event, fl_ctx)

@@ -104,15 +104,8 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if not isinstance(cfg, Mapping):
         raise ValueError(f"model config must be a dict, got {type(cfg).__name__}")
     arch = cfg.get("arch")
-    if arch == "dino":  # the SSL model of the DINO/DINOv2 jobs: {"arch": "dino", "config": {DINOConfig fields}}
-        unknown = sorted(set(cfg) - {"arch", "config"})
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown} for arch 'dino'; valid: ['arch', 'config']")
-        from fl_plugins.methods.dino import DINOConfig, DINOMethod
-
-        return DINOMethod(DINOConfig.from_dict(dict(cfg.get("config") or {})))
     if arch not in _BUILDERS:
-        raise ValueError(f"model config key 'arch' has unknown value {arch!r}; valid: {sorted(_BUILDERS) + ['dino']}")
+        raise ValueError(f"model config key 'arch' has unknown value {arch!r}; valid: {sorted(_BUILDERS)} (pretraining methods are built by fl_plugins.methods.build)")
     unknown = sorted(set(cfg) - set(ARCH_KEYS[arch]))
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown} for arch {arch!r}; valid: {list(ARCH_KEYS[arch])}")

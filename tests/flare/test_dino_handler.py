@@ -8,8 +8,10 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fl_plugins.flare.dino_executor import MODE_EXCLUDE_REGEX, DinoHandler, position_partition
+from fl_plugins.data import position_partition
+from fl_plugins.flare.ssl_handler import MODE_EXCLUDE_REGEX, DinoHandler
 from fl_plugins.flare.handler import SiteContext
+from fl_plugins import methods
 from fl_plugins.models.factory import build_model
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},
@@ -24,7 +26,7 @@ def _handler(datalist, tmp_path, logged=None, **cfg):
 
 
 def _global(cfg: dict, rnd: int = 0) -> FLModel:
-    m = build_model({"arch": "dino", "config": dict(TINY, total_steps=6, **cfg)})
+    m = methods.build("dino", dict(TINY, total_steps=6, **cfg))
     return FLModel(params={k: v.numpy() for k, v in m.federated_state_dict().items()}, params_type=ParamsType.FULL,
                    current_round=rnd, total_rounds=3)
 
@@ -46,7 +48,7 @@ def test_wire_key_sets_per_mode(synth_seg_data, tmp_path, variant, mode, prefixe
     for k, v in out.params.items():
         assert v.shape == g.params[k].shape and v.dtype == np.float32, k
     # the persistor's exclude regex for this mode removes exactly the non-federated keys of the full model
-    full = build_model({"arch": "dino", "config": dict(TINY, total_steps=6, variant=variant, federation_mode=mode)})
+    full = methods.build("dino", dict(TINY, total_steps=6, variant=variant, federation_mode=mode))
     import re
 
     rx = MODE_EXCLUDE_REGEX[mode]

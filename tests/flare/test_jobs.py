@@ -59,10 +59,10 @@ def test_job_server_config(exported, name):
     if name.startswith("finetune"):
         assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
         assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
-    else:  # DINO: the global model is the DINOMethod; mode A federates every key (nothing excluded)
-        cfg_dino = comps["persistor"]["args"]["model_config"]
-        assert cfg_dino["arch"] == "dino" and cfg_dino["config"]["federation_mode"] == "A"
-        assert "exclude_regex" not in comps["persistor"]["args"]
+    else:  # DINO: the global model is the registered method "dino"; mode A federates every key (nothing excluded)
+        args = comps["persistor"]["args"]
+        assert args["method"] == "dino" and args["method_config"]["federation_mode"] == "A"
+        assert "exclude_regex" not in args and "model_config" not in args
     # args equal to their defaults are not exported (IntimeModelSelector defaults to "val_accuracy")
     assert comps["model_selector"]["args"].get("key_metric", "val_accuracy") == JOBS[name].defaults["fl"]["key_metric"]
 
@@ -72,14 +72,15 @@ def test_job_client_config(exported, name):
     cfg = json.loads((exported / name / "app" / "config" / "config_fed_client.json").read_text())
     (ex,) = cfg["executors"]
     assert ex["tasks"] == ["train", "validate", "submit_model"]
+    assert ex["executor"]["path"] == "fl_plugins.flare.executor.HandlerExecutor"  # one executor for every method
+    args = ex["executor"]["args"]
     if name.startswith("finetune"):
-        assert ex["executor"]["path"] == "fl_plugins.flare.finetune_executor.FinetuneExecutor"
-        assert ex["executor"]["args"]["model"] == JOBS[name].defaults["model"]
+        assert args["handler"] == "finetune" and args["handler_args"]["model"] == JOBS[name].defaults["model"]
     else:
-        assert ex["executor"]["path"] == "fl_plugins.flare.dino_executor.DinoExecutor"
+        assert args["handler"] == "dino"
         server = json.loads((exported / name / "app" / "config" / "config_fed_server.json").read_text())
         persistor = next(c for c in server["components"] if c["id"] == "persistor")
-        assert ex["executor"]["args"]["dino"] == persistor["args"]["model_config"]["config"]  # one config, both sides
+        assert args["handler_args"]["dino"] == persistor["args"]["method_config"]  # one config, both sides
     assert [c["path"] for c in cfg["components"]] == ["nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent"]
 
 
@@ -132,14 +133,14 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
 
 
 def _client_dino(job, arg: str = "dino") -> dict:
-    """The DinoExecutor's ``dino`` (or other) argument as exported in the client config."""
+    """The DINO handler's ``dino`` (or other) argument as exported in the client config."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         job.export_job(d)
         cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
-    (exe,) = [e["executor"] for e in cfg["executors"] if "DinoExecutor" in e["executor"]["path"]]
-    return exe["args"][arg]
+    (exe,) = [e["executor"] for e in cfg["executors"] if e["executor"]["args"]["handler"] == "dino"]
+    return exe["args"]["handler_args"][arg]
 
 
 @pytest.mark.parametrize(("name", "key", "value"), [

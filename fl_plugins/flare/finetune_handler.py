@@ -1,4 +1,4 @@
-"""Federated fine-tuning (segmentation or classification) on a site: the pure task handler and its executor.
+"""Federated fine-tuning (segmentation or classification) on a site: the task handler (method ``"finetune"``).
 
 State taxonomy (see ``fl_plugins.engine.finetune`` for the key set):
 
@@ -16,21 +16,16 @@ Tasks: ``train`` (validate the received global model on the site's validation sp
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-import numpy as np
-import torch
-from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.fl_model import FLModel
 
-from fl_plugins.flare.executor import HandlerExecutor
-from fl_plugins.flare.handler import SiteContext
+from fl_plugins.flare.handler import MethodHandler, SiteContext, to_torch
 
-__all__ = ["FinetuneHandler", "FinetuneExecutor", "select_labelled"]
+__all__ = ["FinetuneHandler", "select_labelled"]
 
 logger = logging.getLogger(__name__)
 
-NUM_STEPS_KEY = "NUM_STEPS_CURRENT_ROUND"  # nvflare FLMetaKey.NUM_STEPS_CURRENT_ROUND (FedAvg weight)
 
 
 def select_labelled(entries: list[dict], num_labelled_patients: int | None) -> list[dict]:
@@ -53,15 +48,7 @@ def select_labelled(entries: list[dict], num_labelled_patients: int | None) -> l
     return [e for e in labelled if str(e.get("patient", e.get("image", e.get("index")))) in keep]
 
 
-def _to_numpy(sd: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in sd.items()}
-
-
-def _to_torch(params: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
-
-
-class FinetuneHandler:
+class FinetuneHandler(MethodHandler):
     """Pure task logic; built once per job on a site (FLModel in, FLModel out)."""
 
     def __init__(
@@ -105,6 +92,7 @@ class FinetuneHandler:
         train_ds, val_ds = build_split_datasets(dl, train_entries, dl["validation"], image_size=image_size)
         self.num_train_items = len(train_ds)
         self.trainer = FinetuneTrainer(self.config, train_ds, val_ds)
+        self.method = self.trainer.method
         self.steps_per_round = int(self.config.steps_per_round)
         self.metric_prefix = "val_"
         logger.info(
@@ -112,73 +100,14 @@ class FinetuneHandler:
             site.site_name, len(train_ds), num_labelled_patients or "all", len(val_ds),
         )
 
-    def tasks(self) -> dict:
-        return {"train": self.train, "validate": self.validate, "submit_model": self.submit_model}
+    def load_global(self, model: FLModel) -> None:
+        """Strict load; an unexpected site-local key gets the server-side ``exclude_vars`` hint."""
+        self.trainer.load_federated_state(to_torch(model.params))
 
-    def _validate_global(self, model: FLModel) -> dict[str, float]:
-        self.trainer.load_federated_state(_to_torch(model.params))
+    def monitor(self, rnd: int) -> dict[str, float]:
+        """Validation metrics of the current (received) model on the site's validation split (``val_*``)."""
         metrics = self.trainer.evaluate()
         return {self.metric_prefix + k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    def train(self, model: FLModel) -> FLModel:
-        rnd = int(model.current_round or 0)
-        t0 = time.perf_counter()
-        metrics = self._validate_global(model)
-        for k, v in metrics.items():
-            self.site.log_scalar(k, v, rnd)
-        stats = self.trainer.train_steps(self.steps_per_round, global_step=rnd * self.steps_per_round)
-        self.site.log_scalar("train_loss", float(stats["loss"]), rnd)
-        self.site.log_scalar("round_seconds", time.perf_counter() - t0, rnd)
-        return FLModel(
-            params=_to_numpy(self.trainer.federated_state()),
-            params_type=ParamsType.FULL,
-            metrics=metrics,
-            meta={NUM_STEPS_KEY: self.num_train_items, "train_loss": float(stats["loss"])},
-        )
-
-    def validate(self, model: FLModel) -> FLModel:
-        metrics = self._validate_global(model)
-        rnd = int(model.current_round or 0)
-        for k, v in metrics.items():
-            self.site.log_scalar(k, v, rnd)
-        return FLModel(metrics=metrics, params={})
-
-    def submit_model(self, model: FLModel) -> FLModel:
-        return FLModel(params=_to_numpy(self.trainer.federated_state()), params_type=ParamsType.FULL)
-
-
-class FinetuneExecutor(HandlerExecutor):
-    """FLARE executor for :class:`FinetuneHandler` (tasks ``train``, ``validate``, ``submit_model``).
-
-    Args:
-        model: ``build_model`` config (must match the server persistor's).
-        trainer: ``FinetuneConfig`` fields (task, lr, batch_size, steps_per_round, ...).
-        image_size: slices/images are resized to ``image_size x image_size``.
-        num_labelled_patients: use only this many labelled patients per site (None = all labelled ones).
-        total_rounds: number of FL rounds (sets the LR schedule length).
-    """
-
-    def __init__(
-        self,
-        model: dict,
-        trainer: dict,
-        image_size: int = 64,
-        num_labelled_patients: int | None = None,
-        total_rounds: int = 1,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.trainer = trainer
-        self.image_size = image_size
-        self.num_labelled_patients = num_labelled_patients
-        self.total_rounds = total_rounds
-
-    def build_handler(self, site: SiteContext) -> FinetuneHandler:
-        return FinetuneHandler(
-            site,
-            model=self.model,
-            trainer=self.trainer,
-            image_size=self.image_size,
-            num_labelled_patients=self.num_labelled_patients,
-            total_rounds=self.total_rounds,
-        )
+    def local_train(self, global_step: int) -> dict[str, float]:
+        return self.trainer.train_steps(self.steps_per_round, global_step=global_step)

@@ -1,0 +1,181 @@
+"""Self-supervised pretraining of any registered method on a site's unlabelled images: the task handler.
+
+Pipeline (:class:`SSLHandler`): datalist -> every training image, labels never read -> the method's views
+(``MethodSpec.views``; default the image itself, batched as ``{"image": [B, C, H, W]}``) -> ``methods.build`` ->
+AdamW over ``method.parameter_groups()`` -> k-NN monitor on ``method.backbone()``.
+
+What crosses the wire is exactly ``method.federated_state_dict()``. Kept on the site between rounds: the optimiser
+(AdamW moments) and ``method.site_state_dict()`` (the method object lives as long as the job). Rebuilt each round:
+the data-loader and augmentation streams. Schedules are pure functions of the server-owned global step
+``round * steps_per_round``.
+
+Seeds: the job's ``seed`` (method config) plus a hash of the site name, so sites draw different augmentations and
+masks; the server's copy of the config keeps the job's seed, and the seed is never on the wire.
+
+Monitor: every ``knn_every`` rounds a weighted k-NN (k=20, T=0.07; methods-spec 8.2) on the *received* global
+backbone's features. Labels need no annotation: for volumes the label of a slice is its position partition
+(:func:`fl_plugins.data.position_partition`), for 2D image datasets the image class. Bank = the site's training
+images, queries = its validation images.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from fl_plugins.flare.handler import MethodHandler, SiteContext
+
+__all__ = ["SSLHandler", "DinoHandler", "MODE_EXCLUDE_REGEX", "site_seed"]
+
+logger = logging.getLogger(__name__)
+
+#: DINO: global-model keys that are not federated in each mode (the server persistor neither stores nor sends them).
+MODE_EXCLUDE_REGEX = {"A": None, "B": r"^(teacher\.|buffers\.)", "C": r"^(student\.|buffers\.)"}
+
+
+def site_seed(seed: int, site_name: str) -> int:
+    """The seed of a site's random streams: the job's ``seed`` + a stable hash of the site name."""
+    return int(seed) + zlib.crc32(site_name.encode()) % 100_000
+
+
+class _Images:
+    """Items ``{"image": ...}`` -> the image tensor, then the method's per-image transform."""
+
+    def __init__(self, base: Sequence[Any], transform: Any) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.base[i]
+        image = item["image"] if isinstance(item, dict) else item
+        return self.transform(image) if self.transform is not None else {"image": image}
+
+
+class SSLHandler(MethodHandler):
+    """Federated self-supervised pretraining of the registered method ``method`` on one site.
+
+    Args:
+        site: where the handler runs.
+        method: registered method name (``fl_plugins.methods.method_names()``; plugins: list their module in
+            ``imports`` of the job, which the executor imports first).
+        config: the method's config dict (a ``total_steps`` of None becomes ``steps_per_round * total_rounds``;
+            ``seed`` is mixed with the site name, so every method config takes a ``seed``).
+        steps_per_round: local optimizer steps per round (>= 1).
+        total_rounds: FL rounds.
+        knn_every: k-NN monitor every N rounds (0 = off).
+        knn_max_items: cap on bank/query images of the monitor.
+        num_workers: data-loader workers.
+        views: augmentation settings passed to the method's views factory.
+        batch_size / image_size: default ``config["batch_size"]`` and the backbone's ``img_size`` (or
+            ``config["image_size"]``).
+    """
+
+    LOSS_META_KEY = "ssl_loss"
+
+    def __init__(
+        self,
+        site: SiteContext,
+        method: str,
+        config: dict[str, Any],
+        steps_per_round: int = 10,
+        total_rounds: int = 1,
+        knn_every: int = 1,
+        knn_max_items: int = 512,
+        num_workers: int = 0,
+        views: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        from fl_plugins.data import build_dataset, load_datalist, validate_datalist
+        from fl_plugins.engine.knn import knn_items
+        from fl_plugins.engine.train_loop import build_optimizer
+        from fl_plugins.methods import get_spec
+
+        if steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
+        if knn_every < 0:
+            raise ValueError(f"knn_every must be >= 0 (0 = off), got {knn_every}")
+        spec = get_spec(method)
+        self.site = site
+        cfg = dict(config)
+        if "total_steps" in cfg and cfg["total_steps"] is None:  # the schedule horizon of this job
+            cfg["total_steps"] = steps_per_round * max(1, total_rounds)
+        cfg["seed"] = site_seed(int(cfg.get("seed", 0)), site.site_name)
+        self.seed = cfg["seed"]
+        dl = load_datalist(site.datalist_path)
+        validate_datalist(dl, sections=("training",), deep=True)
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        self.method = spec.builder(cfg)
+        mcfg = self.method.config
+        batch = int(batch_size or getattr(mcfg, "batch_size", 0) or cfg.get("batch_size", 0))
+        if batch < 1:
+            raise ValueError(f"method {method!r}: set batch_size (handler argument or method config)")
+        backbone_spec = getattr(mcfg, "backbone", None)
+        img = int(image_size or getattr(backbone_spec, "img_size", 0) or cfg.get("image_size", 0))
+        if img < 1:
+            raise ValueError(f"method {method!r}: set image_size (handler argument or method config)")
+        # SSL uses every training image, labelled or not; labels are never read
+        train = build_dataset(dl, dl["training"], image_size=img, with_labels=False)
+        if len(train) < batch:
+            raise ValueError(f"site {site.site_name}: {len(train)} training images in {site.datalist_path} < "
+                             f"batch_size={batch}")
+        transform, collate = spec.views(mcfg, dict(views or {})) if spec.views else (None, default_collate)
+        self.loader = DataLoader(_Images(train, transform), batch_size=batch, shuffle=True, drop_last=True,
+                                 collate_fn=collate, num_workers=num_workers, generator=g)
+        self.optimizer = build_optimizer(self.method)  # site-persistent: AdamW moments survive rounds
+        self.steps_per_round = steps_per_round
+        self.num_train_items = len(train)
+        self.knn_every = knn_every
+        self.knn_train: list[dict] = []
+        self.knn_val: list[dict] = []
+        if knn_every and dl.get("validation"):
+            medmnist = dl["format"] == "medmnist"
+            val = build_dataset(dl, dl["validation"], image_size=img, with_labels=medmnist)
+            bank = build_dataset(dl, [e for e in dl["training"] if "label" in e], image_size=img,
+                                 with_labels=True) if medmnist else train
+            self.knn_train = knn_items(bank, knn_max_items, 0)
+            self.knn_val = knn_items(val, knn_max_items, 1)
+        logger.info("site %s: %s, %d unlabelled training images, k-NN monitor %s", site.site_name, method, len(train),
+                    f"{len(self.knn_train)}/{len(self.knn_val)} items" if self.knn_val else "off")
+
+    def monitor_due(self, rnd: int) -> bool:
+        return bool(self.knn_every) and rnd % self.knn_every == 0
+
+    def monitor(self, rnd: int) -> dict[str, float]:
+        from fl_plugins.engine.knn import knn_accuracy
+
+        if not self.knn_val:
+            return {}
+        self.method.eval()
+        with torch.no_grad():
+            acc = knn_accuracy(self.method.backbone(), self.knn_train, self.knn_val)
+        return {"knn_accuracy": float(acc)}
+
+    def local_train(self, global_step: int) -> dict[str, float]:
+        from fl_plugins.engine.train_loop import run_local_steps
+
+        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + global_step) % (2**63))
+        return run_local_steps(self.method, self.loader, self.optimizer, self.steps_per_round, global_step, rng=rng)
+
+    def log_round(self, stats: dict[str, Any], rnd: int) -> None:
+        self.log_stats(stats, rnd, prefix="ssl/")
+
+
+class DinoHandler(SSLHandler):
+    """:class:`SSLHandler` of the registered method ``"dino"`` (DINO / DINOv2; ``dino`` = ``DINOConfig`` fields)."""
+
+    def __init__(self, site: SiteContext, dino: dict[str, Any], steps_per_round: int = 10, total_rounds: int = 1,
+                 knn_every: int = 1, knn_max_items: int = 512, num_workers: int = 0,
+                 views: dict[str, Any] | None = None) -> None:
+        dino = {"total_steps": None, **dino}
+        super().__init__(site, "dino", dino, steps_per_round=steps_per_round, total_rounds=total_rounds,
+                         knn_every=knn_every, knn_max_items=knn_max_items, num_workers=num_workers, views=views)
+        self.config = self.method.config
