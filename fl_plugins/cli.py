@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_plugins.settings import parse_set
+
 __all__ = ["main"]
 
 
@@ -84,25 +86,6 @@ def _datalists(arg: str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------- jobs
-def _parse_set(values: list[str]) -> dict[str, Any]:
-    """``--set a.b=1 --set c=null`` -> nested dict with JSON-decoded values."""
-    out: dict[str, Any] = {}
-    for item in values or []:
-        if "=" not in item:
-            raise CLIError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        cur = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = val
-    return out
-
-
 def cmd_export_jobs(a: argparse.Namespace) -> int:
     from fl_plugins.flare.job_builder import export_jobs
 
@@ -202,7 +185,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from fl_plugins.flare.job_builder import JOBS, build_job
 
     ws = Path(a.workspace).resolve()
-    overrides = _parse_set(a.set)
+    overrides = parse_set(a.set)
     if a.rounds is not None:
         overrides.setdefault("fl", {})["num_rounds"] = a.rounds
     overrides.setdefault("fl", {}).setdefault("min_clients", a.sites)
@@ -252,8 +235,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- eval
-def _model_config_from(path: Path) -> dict[str, Any]:
-    """Find the persistor's model_config in a job folder, simulator workspace or downloaded job result."""
+def _persistor_args_from(path: Path) -> dict[str, Any]:
+    """The persistor's args in a job folder, simulator workspace or downloaded job result."""
     candidates = [path] if path.is_file() else sorted(path.rglob("config_fed_server.json"))
     for c in candidates:
         try:
@@ -262,8 +245,17 @@ def _model_config_from(path: Path) -> dict[str, Any]:
             continue
         for comp in cfg.get("components", []):
             if comp.get("path", "").endswith("ConfigModelPersistor"):
-                return comp["args"]["model_config"]
-    raise CLIError(f"no ConfigModelPersistor model_config found under {str(path)!r}")
+                return comp["args"]
+    raise CLIError(f"no ConfigModelPersistor found under {str(path)!r}")
+
+
+def _model_config_from(path: Path) -> dict[str, Any]:
+    """The persistor's model_config (fine-tuning jobs)."""
+    args = _persistor_args_from(path)
+    if "model_config" not in args:
+        raise CLIError(f"the job under {str(path)!r} pretrains method {args.get('method')!r}: it has no model_config "
+                       "(evaluate a fine-tuning checkpoint; export a pretrained backbone with export-backbone)")
+    return args["model_config"]
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -281,9 +273,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     result["checkpoint"] = str(ckpt)
     print(_format_result(result))
     if a.out:
-        from fl_plugins.engine.checkpoint import atomic_write_text
+        from fl_plugins.atomic_io import atomic_write_json
 
-        atomic_write_text(json.dumps(result, indent=2), a.out)
+        atomic_write_json(result, a.out)
         print(f"wrote {a.out}")
     return 0
 
@@ -302,24 +294,31 @@ def cmd_export_backbone(a: argparse.Namespace) -> int:
     import torch
 
     from fl_plugins.engine.export import export_backbone
-    from fl_plugins.models.factory import build_model
-
     ckpt = Path(a.checkpoint)
     if not ckpt.is_file():
         raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
-    model_cfg = _model_config_from(Path(a.job or ckpt.parent.parent))
-    if model_cfg.get("arch") != "dino":
-        raise CLIError(f"{str(ckpt)!r} is not a DINO/DINOv2 checkpoint (model arch {model_cfg.get('arch')!r})")
-    method = build_model(model_cfg)
+    args = _persistor_args_from(Path(a.job or ckpt.parent.parent))
+    if not args.get("method"):
+        raise CLIError(f"{str(ckpt)!r} is not a pretraining checkpoint (its job fine-tunes model "
+                       f"{args.get('model_config', {}).get('arch')!r}; there is no backbone to export)")
+    from fl_plugins.methods import build, import_plugins
+
+    import_plugins(args.get("imports") or [])
+    method = build(args["method"], args.get("method_config") or {})
     obj = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = obj.get("model", obj)
-    missing = [k for k in method.state_dict() if k.startswith(a.which + ".backbone.") and k not in state]
-    if missing:
+    which = a.which if hasattr(method, a.which) else None
+    prefix = f"{which}.backbone." if which else ""
+    missing = [k for k in method.state_module().state_dict() if k.startswith(prefix) and k not in state]
+    if which and missing:
         raise CLIError(f"{str(ckpt)!r} has no {a.which} backbone (federation mode without the {a.which}?): "
                        f"missing {missing[:3]}")
-    method.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-    out = export_backbone(method, a.out, which=a.which)
-    spec = method.config.backbone
+    method.state_module().load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    out = export_backbone(method, a.out, which=which)
+    spec = getattr(method.config, "backbone", None)
+    if spec is None:
+        print(f"wrote the backbone of method {args['method']!r} to {out}")
+        return 0
     print(f"wrote the {a.which} backbone to {out}")
     print(f"fine-tune from it: flssl simulate --job finetune_seg_vit --pretrained {out} "
           f"--set 'model.backbone={json.dumps(spec.to_dict())}' ...")

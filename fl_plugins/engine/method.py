@@ -48,6 +48,10 @@ class Method(Protocol):
 
     config: Any
 
+    def state_module(self) -> nn.Module:
+        """The module whose ``state_dict`` keys are the wire keys (the taxonomy partitions them)."""
+        ...
+
     def state_taxonomy(self) -> dict[str, list[str]]:
         """``{"federated", "site", "rebuilt"}`` -> sorted ``state_dict`` keys (a partition of them)."""
         ...

@@ -303,6 +303,10 @@ class DINOMethod(nn.Module):
     def clip_grad(self) -> float | None:
         return self.config.clip_grad if self.config.clip_grad > 0 else None
 
+    def state_module(self) -> nn.Module:
+        """The module whose ``state_dict`` keys are the wire keys: the method itself."""
+        return self
+
     def backbone(self) -> nn.Module:
         """The teacher backbone: what the k-NN monitor reads and what is exported (methods-spec 2.7 [V])."""
         return self.teacher["backbone"]
