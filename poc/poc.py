@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from fl_plugins.atomic_io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_TEMPLATE = Path(__file__).resolve().with_name("project_poc.yml")
 DEFAULT_ROOT = Path(os.environ.get("FL_PLUGINS_POC_ROOT", REPO / "workspace" / "poc"))
@@ -200,12 +202,6 @@ def make_project(template: str | os.PathLike, port: int, sites: Sequence[str], n
     return project
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- Poc
 
 
@@ -232,7 +228,7 @@ class Poc:
     def _save_state(self, **updates: Any) -> dict[str, Any]:
         st = self._state_or_empty()
         st.update(updates)
-        _atomic_write(self.state_file, json.dumps(st, indent=2))
+        atomic_write_text(json.dumps(st, indent=2), self.state_file)
         return st
 
     @property
@@ -297,7 +293,7 @@ class Poc:
         self.root.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(exist_ok=True)
         project = make_project(project_template, port, sites)
-        _atomic_write(self.project_file, yaml.safe_dump(project, sort_keys=False))
+        atomic_write_text(yaml.safe_dump(project, sort_keys=False), self.project_file)
         run_nvflare(["poc", "prepare", "-i", str(self.project_file), "--force"], self.env, timeout=180)
 
         server = next(p["name"] for p in project["participants"] if p["type"] == "server")

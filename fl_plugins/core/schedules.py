@@ -11,6 +11,12 @@ Conventions shared by all functions:
 * Steps past the end of a schedule are clamped: the schedule stays at its final value (no warning: a site
   that joins late or runs extra steps must not crash or spam logs).
 * A schedule of length 0 returns its final value.
+* Warm-up, one convention for every schedule of the package (DINO/DINOv2 LR and teacher temperature, the
+  fine-tuning LR of ``fl_plugins.engine.finetune``): a linear ramp over ``W`` steps whose value at step 0 is the
+  start value (``0`` for a learning rate, as in DINO [0]) and which reaches the peak at step ``W``, where the
+  warm-up ends and the decay (or the constant) begins: ``value(s) = start + (peak - start) * s / W`` for
+  ``s < W``. (DINO's ``np.linspace`` reaches the peak one step earlier, at ``W - 1``.) ``W = 0``: no warm-up,
+  step 0 has the peak value.
 
 References:
     - [0] DINO ``utils.cosine_scheduler`` (facebookresearch/dino @ 7c446df): linear warm-up from

@@ -9,6 +9,7 @@ from fl_plugins.data.datalist import labelled_entries, load_datalist, validate_d
 from fl_plugins.data.decathlon import SliceDataset, VolumeDataset, slices_by_volume
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.medmnist import MedMNISTDataset
+from fl_plugins.data.partition import position_partition
 from fl_plugins.data.presets import PRESETS, get_preset
 from fl_plugins.data.site_config import resolve_datalist, write_site_config
 from fl_plugins.data.split import split_decathlon, split_medmnist
@@ -26,6 +27,7 @@ __all__ = [
     "VolumeDataset",
     "slices_by_volume",
     "MedMNISTDataset",
+    "position_partition",
     "build_dataset",
     "build_split_datasets",
     "generate_synthetic_segmentation",

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fl_plugins.atomic_io import atomic_write_json
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.nifti import read_image, read_label
 from fl_plugins.data.presets import PRESETS
@@ -249,9 +250,5 @@ def write_datalist(dl: dict[str, Any], path: str | Path) -> Path:
     ``datalist_path`` (added by :func:`load_datalist`) is not written.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    out = {k: v for k, v in dl.items() if k != "datalist_path"}
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(p)
+    atomic_write_json({k: v for k, v in dl.items() if k != "datalist_path"}, p, indent=1, sort_keys=True)
     return p

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from fl_plugins.atomic_io import atomic_write_json
 from fl_plugins.data.errors import DataError
 
 __all__ = ["ENV_VAR", "SITE_CONFIG_NAME", "SITE_PLACEHOLDER", "resolve_datalist", "write_site_config"]
@@ -85,11 +86,7 @@ def write_site_config(site_config_dir: str | Path, datalist_path: str | Path) ->
     Returns:
         The written config file.
     """
-    d = Path(site_config_dir).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
     target = str(Path(datalist_path).expanduser().absolute())
-    cfg = d / SITE_CONFIG_NAME
-    tmp = cfg.with_name(cfg.name + ".tmp")
-    tmp.write_text(json.dumps({"datalist": target}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(cfg)
+    cfg = Path(site_config_dir).expanduser() / SITE_CONFIG_NAME
+    atomic_write_json({"datalist": target}, cfg)
     return cfg

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fl_plugins.atomic_io import atomic_write_json
 from fl_plugins.data.datalist import DATALIST_NAME, write_datalist
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.medmnist import load_npz
@@ -48,10 +49,7 @@ def _check_common(num_sites: Any, labelled_per_site: Any) -> None:
 
 
 def _write_json(obj: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(obj, path, indent=1, sort_keys=True)
     return path
 
 

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from fl_plugins.methods.view_config import MultiCropConfig  # the settings of these transforms
+from fl_plugins.data.view_config import MultiCropConfig  # the settings of these transforms
 
 __all__ = ["MultiCropConfig", "MultiCropTransform", "MultiCropDataset", "multicrop_collate"]
 

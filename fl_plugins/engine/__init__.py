@@ -16,7 +16,6 @@ __all__ = [
     "accuracy",
     "atomic_torch_save",
     "atomic_write_text",
-    "cosine_lr",
     "dice_per_class",
     "evaluate_checkpoint",
     "evaluate_model",
@@ -35,7 +34,6 @@ _WHERE = {
     "evaluate_model": "finetune",
     "federated_keys": "finetune",
     "non_federated_regex": "finetune",
-    "cosine_lr": "lr",
     "atomic_torch_save": "checkpoint",
     "atomic_write_text": "checkpoint",
 }

@@ -7,14 +7,50 @@ label with weight ``exp(sim / T)``; the class with the largest total vote wins. 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["extract_features", "knn_predict", "knn_accuracy"]
+from fl_plugins.data.partition import position_partition
+
+__all__ = ["extract_features", "knn_predict", "knn_accuracy", "knn_items", "knn_label"]
+
+
+def knn_label(item: Mapping[str, Any]) -> int:
+    """The k-NN monitor's label of a dataset item, read without annotation where possible.
+
+    A slice of a volume (the item has ``slice_index``/``num_slices``) is labelled by its position partition
+    (:func:`fl_plugins.data.position_partition`, 4 groups; methods-spec 7.2); any other item by
+    ``int(item["label"])`` (e.g. the class of a MedMNIST image).
+    """
+    if "slice_index" in item:
+        return position_partition(int(item["slice_index"]), int(item["num_slices"]))
+    return int(item["label"])
+
+
+def knn_items(
+    dataset: Sequence[Mapping[str, Any]],
+    max_items: int,
+    seed: int,
+    label_fn: Callable[[Mapping[str, Any]], int] | None = None,
+) -> list[dict[str, Any]]:
+    """A seeded sample of at most ``max_items`` items of ``dataset`` as ``{"image", "label"}`` k-NN items.
+
+    The sample is ``numpy.random.default_rng(seed).permutation(len(dataset))[:max_items]``, returned in dataset
+    order; each label is ``label_fn(item)`` (default :func:`knn_label`).
+    """
+    label_of = knn_label if label_fn is None else label_fn
+    n = len(dataset)
+    idx = np.random.default_rng(seed).permutation(n)[: min(n, max_items)]
+    out = []
+    for i in sorted(idx.tolist()):
+        it = dataset[i]
+        out.append({"image": it["image"], "label": label_of(it)})
+    return out
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-from fl_plugins.engine.checkpoint import atomic_write_text
+from fl_plugins.atomic_io import atomic_write_json
 
 __all__ = ["SIM_CLASS_ALLOW_PREFIXES", "write_sim_local"]
 
@@ -42,7 +42,7 @@ def write_sim_local(workspace: str | Path, datalist_template: str | None = None)
         if prefix not in allow:
             allow.append(prefix)
     resources["class_allow_list"] = allow
-    atomic_write_text(json.dumps(resources, indent=2), res_path)
+    atomic_write_json(resources, res_path)
     if datalist_template is not None:
-        atomic_write_text(json.dumps({"datalist": datalist_template}, indent=2), local / "fl_plugins_site.json")
+        atomic_write_json({"datalist": datalist_template}, local / "fl_plugins_site.json")
     return local

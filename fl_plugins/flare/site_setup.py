@@ -9,8 +9,10 @@ Pure JSON/file logic, no FLARE runtime needed. Two things are written into a sit
     * ``class_allow_list`` = the existing list (or nvflare's default list when there is none)
       + nvflare's default list + :data:`CLASS_ALLOW_PREFIXES` + ``extra_allow``, order kept, no
       duplicates. nvflare 2.9 checks every component class of a job *without* ``app/custom`` code
-      against this list; our jobs ship no code, so ``"fl_plugins."`` must be on it. A list that
-      contains ``"*"`` (allow everything) is left alone.
+      against this list; our jobs ship no code, so ``"fl_plugins."`` must be on it, and so must the
+      nvflare classes jobs may use beyond the default list (:data:`JOB_NVFLARE_CLASSES`, e.g. the
+      quantization filters of ``fl.quantization``). A list that contains ``"*"`` (allow everything)
+      is left alone.
     * server only: any storage folder nvflare keeps under ``<tmp>/nvflare/`` (the provisioned
       defaults ``/tmp/nvflare/jobs-storage`` and ``/tmp/nvflare/snapshot-storage``, which every
       server on the host would share and the OS may wipe) is moved into the site workspace
@@ -40,8 +42,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fl_plugins.atomic_io import atomic_write_json
+
 __all__ = [
     "CLASS_ALLOW_PREFIXES",
+    "JOB_NVFLARE_CLASSES",
     "SITE_CONFIG_FILE",
     "NotASiteWorkspaceError",
     "SiteSetupResult",
@@ -51,12 +56,23 @@ __all__ = [
     "find_site_dirs",
     "is_server_site",
     "merge_allow_list",
+    "site_class_allow_list",
 ]
 
-#: Class-path prefixes (or fully qualified class paths) that every site must allow for our jobs.
-#: Extend this list when a job uses an nvflare class that is not on nvflare's default list,
-#: e.g. ``"nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"``.
-CLASS_ALLOW_PREFIXES: list[str] = ["fl_plugins."]
+#: The single declared place for the nvflare classes that fl_plugins jobs (``fl_plugins.flare.job_builder``) may
+#: emit and that are NOT on nvflare's built-in default list (:func:`default_class_allow_list`), each with the job
+#: option that emits it. Add a class here when the job builder starts using one (tests/flare/test_allow_list.py
+#: fails until you do, and also fails if an entry here is emitted by no job/option: the list is exact).
+JOB_NVFLARE_CLASSES: tuple[str, ...] = (
+    # fl.quantization=float16|blockwise8: server task-data filter + client task-result filter on "train"
+    "nvflare.app_opt.pt.quantization.quantizer.ModelQuantizer",
+    # fl.quantization=float16|blockwise8: server task-result filter + client task-data filter on "train"
+    "nvflare.app_opt.pt.quantization.dequantizer.ModelDequantizer",
+)
+
+#: Class-path prefixes (or fully qualified class paths) that every site must allow for our jobs, on top of
+#: nvflare's default list: our package (every ``fl_plugins`` component) + :data:`JOB_NVFLARE_CLASSES`.
+CLASS_ALLOW_PREFIXES: list[str] = ["fl_plugins.", *JOB_NVFLARE_CLASSES]
 
 #: Site configuration file that tells our executors where the site's data is (docs/contracts.md).
 SITE_CONFIG_FILE = "fl_plugins_site.json"
@@ -82,6 +98,12 @@ def default_class_allow_list() -> list[str]:
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
     return list(DEFAULT_CLASS_ALLOW_LIST)
+
+
+def site_class_allow_list(extra_allow: Iterable[str] = ()) -> list[str]:
+    """What :func:`configure_site` allows on a site with no list of its own: nvflare's default list +
+    :data:`CLASS_ALLOW_PREFIXES` (``fl_plugins.`` + :data:`JOB_NVFLARE_CLASSES`) + ``extra_allow``."""
+    return merge_allow_list(None, default_class_allow_list(), [*CLASS_ALLOW_PREFIXES, *extra_allow])
 
 
 def is_server_site(site_dir: str | os.PathLike) -> bool:
@@ -172,31 +194,6 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
 
 
-def _atomic_write_json(path: Path, data: Any) -> bool:
-    """Write ``data`` as JSON to ``path`` atomically; return False (and write nothing) if unchanged."""
-    text = json.dumps(data, indent=2) + "\n"
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return True
-
-
 def configure_site(
     site_dir: str | os.PathLike,
     datalist: str | None,
@@ -239,7 +236,7 @@ def configure_site(
     moved: list[str] = []
     if server:
         _relocate_tmp_storage(resources, site, moved)
-    res_changed = _atomic_write_json(res_path, resources)
+    res_changed = atomic_write_json(resources, res_path, if_changed=True)
 
     result = SiteSetupResult(
         site=site.name,
@@ -259,7 +256,7 @@ def configure_site(
             raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
         cfg["datalist"] = datalist
         result["site_config"] = str(cfg_path)
-        result["site_config_changed"] = _atomic_write_json(cfg_path, cfg)
+        result["site_config_changed"] = atomic_write_json(cfg, cfg_path, if_changed=True)
     return result
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from fl_plugins.core.schedules import cosine_schedule, cosine_with_warmup, linear_warmup_then_constant
-from fl_plugins.methods.view_config import MultiCropConfig, views_for_method
+from fl_plugins.data.view_config import MultiCropConfig, views_for_method
 from fl_plugins.models.backbone import BackboneSpec
 
 __all__ = ["DINOConfig", "MIN_OUT_DIM"]
@@ -192,7 +192,7 @@ class DINOConfig:
 
     def training_views(self, settings: dict[str, Any] | None = None) -> MultiCropConfig:
         """The multi-crop views of this run: the variant's crop scales, these crop sizes and the backbone's patch,
-        plus the job's ``views`` augmentation ``settings`` (:func:`fl_plugins.methods.view_config.views_for_method`)."""
+        plus the job's ``views`` augmentation ``settings`` (:func:`fl_plugins.data.view_config.views_for_method`)."""
         return views_for_method(self.variant, self.global_crop_size, self.local_crop_size, self.n_local_crops,
                                 self.backbone.patch_size, settings)
 

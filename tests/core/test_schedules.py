@@ -44,6 +44,21 @@ def test_cosine_with_warmup_values():
     assert cosine_with_warmup(500, 100, 10, 5e-4, 1e-6) == 1e-6
 
 
+# The one warm-up convention (module docstring): value(s) = start + (peak - start) * s / W for s < W, the peak at
+# s = W; then the cosine over the remaining total - W steps. Hand-computed with peak 1.0, final 0.1, W = 4, total 14.
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0), (9, 0.55), (14, 0.1),
+                                           (20, 0.1)])
+def test_warmup_convention_hand_computed(step, expected):
+    assert cosine_with_warmup(step, 14, 4, 1.0, 0.1) == pytest.approx(expected, abs=1e-15)
+
+
+def test_warmup_convention_with_a_start_value_and_without_warmup():
+    assert cosine_with_warmup(0, 14, 4, 1.0, 0.1, warmup_start_value=0.2) == pytest.approx(0.2)
+    assert cosine_with_warmup(2, 14, 4, 1.0, 0.1, warmup_start_value=0.2) == pytest.approx(0.6)
+    assert cosine_with_warmup(0, 10, 0, 1.0, 0.1) == 1.0  # W = 0: the peak from step 0
+    assert cosine_with_warmup(5, 10, 0, 1.0, 0.1) == pytest.approx(0.55)
+
+
 @pytest.mark.parametrize(
     "call,name",
     [

@@ -41,17 +41,57 @@ poc_driver = _load_poc_driver()
 # ------------------------------------------------------------------------------------------------ jobs
 
 
-def repo_jobs() -> list[Path]:
-    """Every job folder of the repo (``jobs/<name>/meta.json``); ``FL_PLUGINS_DEPLOY_JOBS=a,b`` picks some."""
-    jobs = sorted(p.parent for p in JOBS_DIR.glob("*/meta.json"))
+#: Job variants the POC tests build with ``fl_plugins.flare.job_builder`` when they run (options that no folder in
+#: jobs/ exercises, e.g. the quantization filters, which need their classes on the sites' allow list):
+#: name -> (registered job, ``build_job`` overrides). Listed by :func:`generated_jobs` as ``GENERATED / name``.
+GENERATED_JOBS: dict[str, tuple[str, dict[str, Any]]] = {
+    "finetune_seg_unet_fp16": ("finetune_seg_unet", {"fl": {"num_rounds": 2, "quantization": "float16"}}),
+}
+#: placeholder parent of the generated jobs' paths (no such folder: :func:`export_generated_job` makes the job)
+GENERATED = Path("<generated>")
+
+
+def _wanted_jobs(known: list[str]) -> list[str] | None:
     wanted = [n.strip() for n in os.environ.get("FL_PLUGINS_DEPLOY_JOBS", "").split(",") if n.strip()]
-    if wanted:
-        unknown = set(wanted) - {j.name for j in jobs}
-        if unknown:
-            raise ValueError(f"FL_PLUGINS_DEPLOY_JOBS names unknown jobs {sorted(unknown)}; jobs/ has "
-                             f"{[j.name for j in jobs]}")
-        jobs = [j for j in jobs if j.name in wanted]
-    return jobs
+    if not wanted:
+        return None
+    unknown = set(wanted) - set(known)
+    if unknown:
+        raise ValueError(f"FL_PLUGINS_DEPLOY_JOBS names unknown jobs {sorted(unknown)}; known: {sorted(known)}")
+    return wanted
+
+
+def repo_jobs() -> list[Path]:
+    """Every job folder of the repo (``jobs/<name>/meta.json``); ``FL_PLUGINS_DEPLOY_JOBS=a,b`` picks some (names
+    from jobs/ or :data:`GENERATED_JOBS`)."""
+    jobs = sorted(p.parent for p in JOBS_DIR.glob("*/meta.json"))
+    wanted = _wanted_jobs([j.name for j in jobs] + list(GENERATED_JOBS))
+    return jobs if wanted is None else [j for j in jobs if j.name in wanted]
+
+
+def generated_jobs() -> list[Path]:
+    """``GENERATED / name`` for every :data:`GENERATED_JOBS` entry (honours ``FL_PLUGINS_DEPLOY_JOBS``)."""
+    wanted = _wanted_jobs([p.parent.name for p in JOBS_DIR.glob("*/meta.json")] + list(GENERATED_JOBS))
+    return [GENERATED / n for n in GENERATED_JOBS if wanted is None or n in wanted]
+
+
+def is_generated(job_dir: Path) -> bool:
+    return job_dir.parent == GENERATED
+
+
+def export_generated_job(job_dir: Path, out: Path) -> Path:
+    """Build and export the generated job ``GENERATED / name`` into ``out / name`` (meta.json named ``name``)."""
+    from fl_plugins.flare.job_builder import build_job
+
+    name = job_dir.name
+    base, overrides = GENERATED_JOBS[name]
+    build_job(base, overrides).export_job(str(out / "_export" / name))
+    dst = out / name
+    shutil.move(str(out / "_export" / name / base), dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta["name"] = name
+    (dst / "meta.json").write_text(json.dumps(meta, indent=2))
+    return dst
 
 
 def read_server_config(job_dir: Path) -> dict[str, Any]:

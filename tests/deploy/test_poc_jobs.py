@@ -5,7 +5,9 @@ then FINISHED:COMPLETED, the persistor's global model file(s) and, for jobs that
 TensorBoard event file with at least one scalar tag per site. Every ``jobs/<name>/`` folder with a ``meta.json`` is
 run on synthetic site data (wired into each site's ``local/fl_plugins_site.json``), with every client-side
 ``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified); while ``jobs/`` has
-none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Jobs that read the same synthetic
+none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Job variants that no folder
+exercises are built with the job builder when the test runs (``deploy_utils.GENERATED_JOBS``: a float16-quantized
+``finetune_seg_unet``, whose filter classes must pass the sites' allow list). Jobs that read the same synthetic
 data are submitted together and run side by side (fixture ``submit_group``). Jobs that the README's deployment
 walkthrough submits are checked there instead (same checks, own POC system).
 """
@@ -30,6 +32,9 @@ from .deploy_utils import (
     NP_JOB,
     check_job_result,
     data_generator_for,
+    export_generated_job,
+    generated_jobs,
+    is_generated,
     repo_jobs,
     shrunk_job_copy,
     wait_for,
@@ -40,7 +45,7 @@ pytestmark = pytest.mark.slow
 
 # A job the README walkthrough submits runs there, end to end on its own POC, with the same result checks
 # (tests/deploy/test_readme_walkthrough.py): not run twice per test session.
-_REPO_JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()]
+_REPO_JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()] + generated_jobs()
 
 
 def _data_group(job_dir: Path) -> str:
@@ -82,8 +87,10 @@ def submit_group(poc, synthetic_data, tmp_path_factory) -> Callable[[Path], _Sub
                 poc.configure_data(str(data / "{site}" / "datalist.json"))
             for j in [j for j in JOBS if _data_group(j) == group]:
                 src, changes = j, []
+                if is_generated(j):
+                    src = export_generated_job(j, root / "generated")
                 if j != NP_JOB and not FULL_JOBS:
-                    src, changes = shrunk_job_copy(j, root / j.name)
+                    src, changes = shrunk_job_copy(src, root / j.name)
                 done[j.name] = _Submitted(poc.submit(src), src, changes, time.monotonic())
         return done[job_dir.name]
 

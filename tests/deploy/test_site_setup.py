@@ -72,14 +72,15 @@ def test_default_list_is_nvflares():
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
     assert DEFAULT == list(DEFAULT_CLASS_ALLOW_LIST)
-    assert "fl_plugins." in CLASS_ALLOW_PREFIXES
+    assert CLASS_ALLOW_PREFIXES == ["fl_plugins.", *site_setup.JOB_NVFLARE_CLASSES]
+    assert site_setup.site_class_allow_list(["x.y."]) == DEFAULT + CLASS_ALLOW_PREFIXES + ["x.y."]
 
 
 def test_client_from_default_file(tmp_path):
     site = _site(tmp_path, "site-1", "client", CLIENT_RESOURCES_DEFAULT)
     r = configure_site(site, "/data/site-1/datalist.json")
     res = _read(site / "local" / "resources.json")
-    assert res["class_allow_list"] == DEFAULT + ["fl_plugins."]
+    assert res["class_allow_list"] == DEFAULT + CLASS_ALLOW_PREFIXES
     assert res["components"] == CLIENT_RESOURCES_DEFAULT["components"]
     assert _read(site / "local" / "fl_plugins_site.json") == {"datalist": "/data/site-1/datalist.json"}
     assert r["role"] == "client" and r["resources_changed"] and r["site_config_changed"]
@@ -91,7 +92,7 @@ def test_client_from_default_file(tmp_path):
 def test_client_without_default_file(tmp_path):
     site = _site(tmp_path, "site-1", "client", None)
     configure_site(site, None)
-    assert _read(site / "local" / "resources.json") == {"class_allow_list": DEFAULT + ["fl_plugins."]}
+    assert _read(site / "local" / "resources.json") == {"class_allow_list": DEFAULT + CLASS_ALLOW_PREFIXES}
     assert not (site / "local" / "fl_plugins_site.json").exists()
 
 
@@ -134,7 +135,7 @@ def test_idempotent_and_keeps_user_edits(tmp_path):
     res_path.write_text(json.dumps(res))
     r1 = configure_site(site, None)
     after = _read(res_path)
-    assert after["class_allow_list"] == DEFAULT + ["fl_plugins.", "my_hospital.plugins."]
+    assert after["class_allow_list"] == DEFAULT + CLASS_ALLOW_PREFIXES + ["my_hospital.plugins."]
     assert after["class_list_enforcement_mode"] == "warn"
     assert after["servers"][0]["heart_beat_timeout"] == 120
     mtime = res_path.stat().st_mtime_ns
@@ -258,7 +259,7 @@ def test_cli(tmp_path, capsys):
     site = _site(prod, "site-1", "client", CLIENT_RESOURCES_DEFAULT)
     assert site_setup.main([str(site), "--datalist", "/d.json", "--allow", "a.b."]) == 0
     assert json.loads(capsys.readouterr().out)["site_config"].endswith("fl_plugins_site.json")
-    assert _read(site / "local" / "resources.json")["class_allow_list"][-2:] == ["fl_plugins.", "a.b."]
+    assert _read(site / "local" / "resources.json")["class_allow_list"][-len(CLASS_ALLOW_PREFIXES) - 1 :] == [*CLASS_ALLOW_PREFIXES, "a.b."]
     assert site_setup.main(["--workspace", str(prod), "--datalist", "/d/{site}.json"]) == 0
     assert _read(site / "local" / "fl_plugins_site.json") == {"datalist": "/d/{site}.json"}
     assert site_setup.main([str(tmp_path / "nope")]) == 2
@@ -287,7 +288,8 @@ _REPO_JOBS = sorted(p.parent for p in (Path(__file__).resolve().parents[2] / "jo
 @pytest.mark.parametrize("job_dir", _REPO_JOBS or [None], ids=[j.name for j in _REPO_JOBS] or ["no-jobs"])
 def test_repo_job_classes_pass_the_site_allow_list(job_dir):
     """Every class a code-free job in jobs/ names must pass the allow list site_setup writes (else the job fails
-    on the sites with ComponentNotAuthorized; extend CLASS_ALLOW_PREFIXES)."""
+    on the sites with ComponentNotAuthorized; declare the class in site_setup.JOB_NVFLARE_CLASSES; every job/option
+    combination the builder can emit is checked in tests/flare/test_allow_list.py)."""
     if job_dir is None:
         pytest.skip("jobs/ has no job folder yet")
     if any(job_dir.glob("*/custom")):

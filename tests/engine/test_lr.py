@@ -1,47 +1,49 @@
-"""LR schedule: a pure function of the global step (end values, warmup, validation)."""
+"""Fine-tuning LR (``FinetuneConfig.lr_at``): a pure function of the global step on ``fl_plugins.core.schedules``
+(warm-up 0 -> lr over ``warmup_steps``, lr reached at step ``warmup_steps``; cosine to ``lr * min_lr_ratio``)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
 from fl_plugins.engine.finetune import FinetuneConfig
-from fl_plugins.engine.lr import cosine_lr
+
+MODEL = {"arch": "unet", "num_classes": 2}
 
 
+# lr = 1e-3, final = 1e-4; hand-computed: cosine value at fraction t = 1e-4 + 9e-4 * (1 + cos(pi t)) / 2
 @pytest.mark.parametrize(
-    ("step", "total", "warmup", "expected"),
+    ("total", "warmup", "step", "expected"),
     [
-        (0, 100, 0, 1.0),  # starts at base
-        (50, 100, 0, 0.55),  # half-way: (base + min) / 2
-        (100, 100, 0, 0.1),  # ends at min
-        (1000, 100, 0, 0.1),  # stays at min
-        (0, 100, 10, 0.1),  # warmup: base * (step + 1) / warmup
-        (9, 100, 10, 1.0),  # last warmup step reaches base
-        (10, 100, 10, 1.0),  # first decay step is base
-        (55, 100, 10, 0.55),
-        (100, 100, 10, 0.1),
+        (40, 0, 0, 1e-3),  # no warm-up: step 0 has the peak
+        (40, 0, 20, 5.5e-4),  # half-way: (1e-3 + 1e-4) / 2
+        (40, 0, 40, 1e-4),  # the end: lr * min_lr_ratio
+        (40, 0, 1000, 1e-4),  # clamped after the end
+        (110, 10, 0, 0.0),  # warm-up starts at 0
+        (110, 10, 1, 1e-4),  # 1e-3 * 1 / 10
+        (110, 10, 5, 5e-4),
+        (110, 10, 10, 1e-3),  # warm-up ends at step 10 with the peak; the cosine starts there
+        (110, 10, 60, 5.5e-4),  # half-way through the 100 cosine steps
+        (110, 10, 110, 1e-4),
+        (None, 4, 0, 0.0),  # no schedule length: warm-up, then constant lr
+        (None, 4, 1, 2.5e-4),
+        (None, 4, 3, 7.5e-4),
+        (None, 4, 4, 1e-3),
+        (None, 4, 1000, 1e-3),
+        (None, 0, 0, 1e-3),
     ],
 )
-def test_cosine_lr_values(step: int, total: int, warmup: int, expected: float) -> None:
-    assert math.isclose(cosine_lr(step, total, 1.0, 0.1, warmup), expected, rel_tol=1e-12)
+def test_lr_at_hand_computed(total, warmup, step, expected):
+    cfg = FinetuneConfig(model=MODEL, lr=1e-3, min_lr_ratio=0.1, total_steps=total, warmup_steps=warmup)
+    assert cfg.lr_at(step) == pytest.approx(expected, abs=1e-15)
 
 
-def test_cosine_lr_monotone_after_warmup() -> None:
-    lrs = [cosine_lr(s, 50, 1e-3, 1e-5, 5) for s in range(5, 60)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+def test_lr_at_is_monotone_after_warmup():
+    cfg = FinetuneConfig(model=MODEL, lr=1e-3, min_lr_ratio=0.01, total_steps=50, warmup_steps=5)
+    lrs = [cfg.lr_at(s) for s in range(0, 60)]
+    assert all(a <= b for a, b in zip(lrs[:6], lrs[1:6]))
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
 
 
-@pytest.mark.parametrize(("step", "total", "warmup"), [(-1, 10, 0), (0, 0, 0), (0, 10, 11), (0, 10, -1)])
-def test_cosine_lr_rejects_bad_arguments(step: int, total: int, warmup: int) -> None:
-    with pytest.raises(ValueError):
-        cosine_lr(step, total, 1.0, 0.0, warmup)
-
-
-def test_config_lr_at() -> None:
-    model = {"arch": "unet", "num_classes": 2}
-    cfg = FinetuneConfig(model=model, lr=1e-3, min_lr_ratio=0.1, total_steps=40)
-    assert cfg.lr_at(0) == pytest.approx(1e-3) and cfg.lr_at(40) == pytest.approx(1e-4)
-    const = FinetuneConfig(model=model, lr=1e-3, total_steps=None, warmup_steps=4)
-    assert const.lr_at(0) == pytest.approx(2.5e-4) and const.lr_at(3) == const.lr_at(1000) == pytest.approx(1e-3)
+def test_lr_at_rejects_a_negative_step():
+    with pytest.raises(ValueError, match="step"):
+        FinetuneConfig(model=MODEL, total_steps=10).lr_at(-1)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fl_plugins.cli import _parse_set, main
+from fl_plugins.cli import main
 
 
 def test_synth_then_check_data(tmp_path, capsys):
@@ -43,10 +43,6 @@ def test_bad_arguments_exit_2_with_the_bad_value(synth_seg_data, tmp_path, capsy
     argv = [a.replace("{data}", str(synth_seg_data)).replace("{ws}", str(tmp_path / "ws")) for a in argv]
     assert main(argv) == 2
     assert match in capsys.readouterr().err
-
-
-def test_parse_set_nested_json_values():
-    assert _parse_set(["a.b=1", "a.c=null", "d=x", "e=[1,2]"]) == {"a": {"b": 1, "c": None}, "d": "x", "e": [1, 2]}
 
 
 def test_results_table(tmp_path, capsys):
