@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from fl_plugins.core.collapse import target_entropies
     from fl_plugins.engine.knn import knn_accuracy
     from fl_plugins.engine.train_loop import run_local_steps
-    from fl_plugins.flare.ssl_handler import DinoHandler
     from fl_plugins.flare.handler import SiteContext
     from fl_plugins.flare.job_builder import job_settings
+    from fl_plugins.flare.ssl_handler import DinoHandler
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datalist", required=True, help="one site's datalist.json")

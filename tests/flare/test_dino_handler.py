@@ -8,10 +8,10 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fl_plugins.data import position_partition
-from fl_plugins.flare.ssl_handler import MODE_EXCLUDE_REGEX, DinoHandler
-from fl_plugins.flare.handler import SiteContext
 from fl_plugins import methods
+from fl_plugins.data import position_partition
+from fl_plugins.flare.handler import SiteContext
+from fl_plugins.flare.ssl_handler import MODE_EXCLUDE_REGEX, DinoHandler
 from fl_plugins.models.factory import build_model
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},

@@ -13,10 +13,10 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from fl_plugins.data import DataError
 from fl_plugins.engine.finetune import federated_keys
 from fl_plugins.flare.finetune_handler import FinetuneHandler, select_labelled
-from fl_plugins.wire import META_NUM_STEPS as NUM_STEPS_KEY
 from fl_plugins.flare.handler import SiteContext
 from fl_plugins.models.backbone import BackboneCheckpointError, BackboneSpec, create_backbone
 from fl_plugins.models.factory import build_model
+from fl_plugins.wire import META_NUM_STEPS as NUM_STEPS_KEY
 
 UNET = {"arch": "unet", "num_classes": 3}
 VIT_SEG = {"arch": "vit_seg", "num_classes": 3,
