@@ -41,8 +41,9 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fl_plugins.engine.checkpoint import atomic_write_text
+from fl_plugins.wire import META_CLIENT_NAME, TASK_VALIDATE
 
-__all__ = ["FedAvgWithFinalValidation", "NotEnoughSitesError", "plain_metrics"]
+__all__ = ["FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness", "plain_metrics"]
 
 
 class NotEnoughSitesError(RuntimeError):
@@ -82,52 +83,20 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-class FedAvgWithFinalValidation(FedAvg):
-    """FedAvg over all connected sites, dropping lost sites, + final validation (see the module docstring).
+class SiteLiveness:
+    """Mixin for any nvflare ``ModelController``: every round goes to every connected site (or a random
+    ``sites_per_round`` of them), a site FLARE deems disconnected is dropped from the standing tasks so the round
+    completes with the others, and later rounds skip it while ``num_clients`` sites remain (see the module
+    docstring). Put it before the controller class in the bases and call :meth:`init_site_liveness` in
+    ``__init__``; the controller's ``num_clients`` is the minimum number of sites a round needs."""
 
-    Other arguments are ``FedAvg``'s (``num_rounds``, ``persistor_id``, ``task_check_period``, ...).
+    num_clients: int
 
-    Args:
-        num_clients: minimum number of connected sites a round needs; set it to the job's ``min_clients``.
-            (In nvflare's ``FedAvg`` it is the number of sites sampled per round; here that is ``sites_per_round``.)
-        sites_per_round: sites that train in each round: ``None`` (default) = every connected site; ``k`` = a random
-            ``k`` of them each round (``>= num_clients``).
-        final_validation: run the extra ``validate`` phase after the last round.
-        validation_timeout: seconds to wait for the validation results (0 = no limit).
-
-    Raises:
-        ValueError: a setting out of range (the message names it and its value).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        num_clients: int = 1,
-        sites_per_round: int | None = None,
-        final_validation: bool = True,
-        validation_timeout: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        _check_int("num_clients", num_clients, 1)
-        _check_int("sites_per_round", sites_per_round, 1, allow_none=True)
-        _check_int("validation_timeout", validation_timeout, 0)
-        if not isinstance(final_validation, bool):
-            raise ValueError(f"final_validation must be a bool, got {final_validation!r}")
-        if sites_per_round is not None and sites_per_round < num_clients:
-            raise ValueError(
-                f"sites_per_round must be >= num_clients ({num_clients}, the minimum number of sites per round), "
-                f"got {sites_per_round}"
-            )
-        super().__init__(*args, num_clients=num_clients, **kwargs)
+    def init_site_liveness(self, sites_per_round: int | None = None) -> None:
         self.sites_per_round = sites_per_round
-        self.final_validation = final_validation
-        self.validation_timeout = validation_timeout
-        self._last_model: FLModel | None = None
         self._phase: str | None = None  # "round <n>" / "the final validation", for log messages
         self._own_tasks: list[Task] = []  # tasks this workflow broadcast (the standing ones are pruned lazily)
         self._own_tasks_lock = threading.Lock()
-
-    # ------------------------------------------------------------------------------------------------ sites
 
     def _site_names(self) -> list[str]:
         """Every site of the job (FLARE's job participants, dead or alive), sorted."""
@@ -229,33 +198,39 @@ class FedAvgWithFinalValidation(FedAvg):
             self.log_warning(fl_ctx, f"{msg}; the job goes on with them", fire_event=False)
         return changed
 
-    # ------------------------------------------------------------------------------------------------ workflow
 
-    def save_model(self, model: FLModel) -> None:
-        self._last_model = model
-        super().save_model(model)
+class FinalValidation:
+    """Mixin for any nvflare ``ModelController``: :meth:`run_final_validation` sends a model to every connected site
+    with the task ``validate`` and writes the per-site metrics (and their mean) to
+    ``<server app dir>/final_metrics.json`` atomically and to the server log. Call :meth:`init_final_validation`
+    in ``__init__``; uses :meth:`SiteLiveness.connected_sites`."""
 
-    def run(self) -> None:
-        self._phase = None
-        super().run()
-        if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
-            return
+    def init_final_validation(self, final_validation: bool = True, validation_timeout: int = 0) -> None:
+        _check_int("validation_timeout", validation_timeout, 0)
+        if not isinstance(final_validation, bool):
+            raise ValueError(f"final_validation must be a bool, got {final_validation!r}")
+        self.final_validation = final_validation
+        self.validation_timeout = validation_timeout
+
+    def run_final_validation(self, params: dict[str, Any], params_type: Any, current_round: int,
+                             total_rounds: int) -> dict[str, Any] | None:
+        """Validate ``params`` on every connected site; returns the summary written (None if no site)."""
         self._phase = "the final validation"
-        model = FLModel(params=self._last_model.params, params_type=self._last_model.params_type)
-        model.current_round = self.start_round + self.num_rounds
-        model.total_rounds = self.num_rounds
+        model = FLModel(params=params, params_type=params_type)
+        model.current_round = current_round
+        model.total_rounds = total_rounds
         alive, gone = self.connected_sites()
         if gone:
             self.log_warning(self.fl_ctx, f"final validation: skipping disconnected site(s) {gone}", fire_event=False)
         if not alive:
             self.log_error(self.fl_ctx, "final validation: no connected site", fire_event=False)
-            return
+            return None
         results = self.send_model_and_wait(
-            task_name="validate", data=model, targets=alive, timeout=self.validation_timeout
+            task_name=TASK_VALIDATE, data=model, targets=alive, timeout=self.validation_timeout
         )
         per_site = {}
         for r in results:
-            site = (r.meta or {}).get("client_name", "?")
+            site = (r.meta or {}).get(META_CLIENT_NAME, "?")
             per_site[site] = plain_metrics(r.metrics or {})
         summary: dict[str, Any] = {"round": model.current_round, "sites": per_site}
         keys = sorted({k for m in per_site.values() for k, v in m.items() if _is_number(v)})
@@ -267,3 +242,57 @@ class FedAvgWithFinalValidation(FedAvg):
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) or "."
         atomic_write_text(json.dumps(summary, indent=2), os.path.join(app_root, "final_metrics.json"))
         self.info(f"final validation of the global model: {json.dumps(summary)}")
+        return summary
+
+
+class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
+    """FedAvg over all connected sites, dropping lost sites, + final validation (see the module docstring).
+
+    Other arguments are ``FedAvg``'s (``num_rounds``, ``persistor_id``, ``task_check_period``, ...).
+
+    Args:
+        num_clients: minimum number of connected sites a round needs; set it to the job's ``min_clients``.
+            (In nvflare's ``FedAvg`` it is the number of sites sampled per round; here that is ``sites_per_round``.)
+        sites_per_round: sites that train in each round: ``None`` (default) = every connected site; ``k`` = a random
+            ``k`` of them each round (``>= num_clients``).
+        final_validation: run the extra ``validate`` phase after the last round.
+        validation_timeout: seconds to wait for the validation results (0 = no limit).
+
+    Raises:
+        ValueError: a setting out of range (the message names it and its value).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        num_clients: int = 1,
+        sites_per_round: int | None = None,
+        final_validation: bool = True,
+        validation_timeout: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        _check_int("num_clients", num_clients, 1)
+        _check_int("sites_per_round", sites_per_round, 1, allow_none=True)
+        if sites_per_round is not None and sites_per_round < num_clients:
+            raise ValueError(
+                f"sites_per_round must be >= num_clients ({num_clients}, the minimum number of sites per round), "
+                f"got {sites_per_round}"
+            )
+        super().__init__(*args, num_clients=num_clients, **kwargs)
+        self.init_site_liveness(sites_per_round)
+        self.init_final_validation(final_validation, validation_timeout)
+        self._last_model: FLModel | None = None
+
+    # ------------------------------------------------------------------------------------------------ workflow
+
+    def save_model(self, model: FLModel) -> None:
+        self._last_model = model
+        super().save_model(model)
+
+    def run(self) -> None:
+        self._phase = None
+        super().run()
+        if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
+            return
+        self.run_final_validation(self._last_model.params, self._last_model.params_type,
+                                  self.start_round + self.num_rounds, self.num_rounds)
