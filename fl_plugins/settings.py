@@ -87,7 +87,7 @@ def _expected(default: Any) -> tuple[str, tuple[type, ...]] | None:
 def merge_settings(
     base: dict[str, Any],
     overrides: Mapping[str, Any],
-    open_keys: Mapping[str, frozenset[str]] | None = None,
+    open_keys: Mapping[str, frozenset[str] | Mapping[str, Any]] | None = None,
     where: str = "",
 ) -> dict[str, Any]:
     """A deep copy of ``base`` updated with ``overrides``, each override checked against its default.
@@ -96,7 +96,8 @@ def merge_settings(
         base: the defaults (a nested dict); not modified.
         overrides: nested dict of new values (e.g. from :func:`parse_set`).
         open_keys: per dotted path of a sub-dict (``""`` for the top level), keys that may be set although they
-            are not in ``base`` (e.g. every ``DINOConfig`` field under ``"dino"``).
+            are not in ``base`` (e.g. every ``DINOConfig`` field under ``"dino"``): a set of names, or a mapping
+            name -> default, whose type then checks a value as for ``base``.
         where: dotted path of ``base`` inside the whole settings (used in messages and to look up
             ``open_keys``; a trailing dot is ignored).
 
@@ -113,6 +114,12 @@ def merge_settings(
         if k not in out:
             if k not in allowed:
                 raise ValueError(f"unknown job setting {path!r}; known: {sorted(set(out) | set(allowed))}")
+            # an open key given with its default (open_keys as a mapping key -> default) is type-checked too
+            expected = _expected(allowed[k]) if isinstance(allowed, Mapping) else None
+            if expected is not None and v is not None:
+                what, types = expected
+                if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                    raise ValueError(f"job setting {path!r} expects {what}, got {v!r} ({type(v).__name__})")
             out[k] = copy.deepcopy(v)
             continue
         default = out[k]

@@ -12,8 +12,9 @@ client waits before asking again for a task; nvflare's default is 2 s) and the c
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.methods.dino_config import DINOConfig
 from fl_plugins.settings import merge_settings
 
-__all__ = ["FLSettings", "build_fedavg_job", "JOBS", "build_job", "export_jobs", "job_names"]
+__all__ = ["FLSettings", "build_fedavg_job", "build_pretrain_job", "JOBS", "build_job", "export_jobs", "job_names",
+           "non_federated_regex_of"]
 
 #: State keys that are never federated: BatchNorm's ``num_batches_tracked`` counter is an integer step count,
 #: not a statistic; averaging it is meaningless (see fl_plugins.engine.finetune's state taxonomy).
@@ -90,6 +92,8 @@ def build_fedavg_job(
     method_config: dict[str, Any] | None = None,
     exclude_vars: str | None = NON_FEDERATED_BUFFERS,
     imports: list[str] | None = None,
+    client: str = "executor",
+    plugin_files: list[str] | None = None,
 ) -> FedJob:
     """A job of the plugin architecture: server persistor of the global model (``model_config`` or the registered
     ``method``), the named controller (and aggregator), best/last checkpoints, per-site TensorBoard; on the
@@ -103,7 +107,13 @@ def build_fedavg_job(
         model_config / method / method_config: what the server's initial global model is built from (one of them).
         exclude_vars: regex of state keys the persistor never stores/sends (site-local state).
         imports: plugin modules the sites and the server import first.
+        client: ``"executor"`` (the installed package's executor: no custom code in the job) or ``"client_api"``
+            (the thin script ``custom/fl_client.py`` under nvflare's ``ScriptRunner``: the job carries custom code).
+        plugin_files: files shipped in the job's custom code on the server and every site (e.g. the module of a
+            method defined outside the package; name its module in ``imports``).
     """
+    if client not in CLIENT_PATHS:
+        raise ValueError(f"client must be one of {CLIENT_PATHS}, got {client!r}")
     from fl_plugins.flare.executor import HandlerExecutor
     from fl_plugins.flare.handlers import handler_class
 
@@ -124,11 +134,57 @@ def build_fedavg_job(
     job.to_server(IntimeModelSelector(key_metric=fl.key_metric), id="model_selector")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
-    job.to_clients(HandlerExecutor(handler=handler, handler_args=handler_args, imports=imports), tasks=tasks)
+    if client == "executor":
+        job.to_clients(HandlerExecutor(handler=handler, handler_args=handler_args, imports=imports), tasks=tasks)
+    else:
+        _add_client_api(job, {"handler": handler, "handler_args": handler_args, "imports": list(imports or [])})
+    for f in plugin_files or []:
+        if not Path(f).is_file():
+            raise ValueError(f"plugin_files: {f!r} is not a file")
+        job.add_file_to_server(str(f))
+        job.add_file_to_clients(str(f))
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
     if fl.quantization:
         _add_quantization(job, fl.quantization)
     return job
+
+
+#: How the sites run the handler: the package's executor, or the Client API script ``custom/fl_client.py``.
+CLIENT_PATHS = ("executor", "client_api")
+#: The Client API entry script (``custom/`` of this repository, beside the package).
+CLIENT_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fl_client.py"
+
+
+def _add_client_api(job: FedJob, config: dict[str, Any]) -> None:
+    """Sites run ``custom/fl_client.py`` (ScriptRunner, in-process) with ``config`` shipped beside it."""
+    import hashlib
+    import json
+    import tempfile
+
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+    from fl_plugins.atomic_io import atomic_write_json
+    from fl_plugins.flare.client_api import CONFIG_FILE
+
+    if not CLIENT_SCRIPT.is_file():
+        raise ValueError(f"client='client_api' needs the script {CLIENT_SCRIPT} (custom/ of the fl_plugins repository; "
+                         "install fl_plugins from a checkout with 'pip install -e .')")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "fl_plugins_client_api" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config, folder / CONFIG_FILE, sort_keys=True)
+    # the handlers exchange numpy arrays (as the executor path); the script is found by name in the job's custom
+    # folder on the sites, where it is shipped explicitly (ScriptRunner would resolve it against the current folder)
+    runner = ScriptRunner(script=CLIENT_SCRIPT.name, script_args=f"--config {CONFIG_FILE}",  # a str: nvflare 2.9 in-process splits it
+                          framework=FrameworkType.NUMPY)
+    cwd = os.getcwd()
+    os.chdir(CLIENT_SCRIPT.parent)  # ScriptRunner checks the (relative) script exists when it is added
+    try:
+        job.to_clients(runner)
+    finally:
+        os.chdir(cwd)
+    job.add_file_to_clients(str(CLIENT_SCRIPT))
+    job.add_file_to_clients(str(folder / CONFIG_FILE))
 
 
 def _add_quantization(job: FedJob, kind: str) -> None:
@@ -156,7 +212,7 @@ class JobSpec:
     builder: Callable[[str, dict[str, Any]], FedJob]
     extra: dict[str, Any] = field(default_factory=dict)
     #: settable keys beyond ``defaults``, per dotted sub-dict path (validated again by the method's config class)
-    open_keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    open_keys: dict[str, frozenset[str] | dict[str, Any]] = field(default_factory=dict)
 
 
 def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -258,13 +314,60 @@ def job_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str
 
 
 def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
-    """Export registered jobs as classic FLARE job folders under ``out_dir``."""
+    """Export the ready jobs, through their Recipes (``fl_plugins.flare.recipes``), as FLARE job folders."""
+    from fl_plugins.flare.recipes import recipe_for
+
     out = Path(out_dir)
     paths = []
     for n in names or job_names():
-        build_job(n).export_job(str(out))
+        recipe_for(n).export(str(out))
         paths.append(out / n)
     return paths
+
+
+def non_federated_regex_of(method: Any) -> str | None:
+    """Regex matching exactly the method's non-federated wire keys (its site and rebuilt state), or None."""
+    import re
+
+    tax = method.state_taxonomy()
+    keys = sorted(set(tax["site"]) | set(tax["rebuilt"]))
+    return "^(" + "|".join(re.escape(k) for k in keys) + ")$" if keys else None
+
+
+def build_pretrain_job(
+    name: str,
+    method: str,
+    config: dict[str, Any],
+    fl: dict[str, Any] | None = None,
+    steps_per_round: int = 5,
+    knn_every: int = 1,
+    knn_max_items: int = 256,
+    views: dict[str, Any] | None = None,
+    imports: list[str] | None = None,
+    plugin_files: list[str] | None = None,
+    client: str = "executor",
+) -> FedJob:
+    """A federated pretraining job of any registered method (a plugin's too): FedAvg of its federated state.
+
+    Args:
+        name: job name.
+        method: registered method name; a plugin's module must be listed in ``imports`` (and, to ship it with the
+            job, its file in ``plugin_files``).
+        config: the method's config dict (``seed`` and, if present, ``total_steps`` handled as in SSLHandler).
+        fl: ``FLSettings`` fields (validated).
+        steps_per_round / knn_every / knn_max_items / views: :class:`~fl_plugins.flare.ssl_handler.SSLHandler`.
+        client: ``"executor"`` or ``"client_api"`` (see :func:`build_fedavg_job`).
+    """
+    from fl_plugins.methods import build, import_plugins
+
+    settings = FLSettings(**{"key_metric": "knn_accuracy", **(fl or {})})
+    import_plugins(imports or [])
+    exclude = non_federated_regex_of(build(method, dict(config)))  # validates the config here, not on the sites
+    args = {"method": method, "config": dict(config), "steps_per_round": steps_per_round,
+            "total_rounds": settings.num_rounds, "knn_every": knn_every, "knn_max_items": knn_max_items,
+            "views": dict(views or {})}
+    return build_fedavg_job(name, "ssl", args, settings, method=method, method_config=dict(config),
+                            exclude_vars=exclude, imports=imports, client=client, plugin_files=plugin_files)
 
 
 def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
@@ -298,7 +401,7 @@ _DINO = {
     "federation_mode": "A",
 }
 
-_DINO_FIELDS = frozenset(f.name for f in fields(DINOConfig))
+_DINO_FIELDS = DINOConfig().to_dict()  # field -> default (its type checks --set values)
 
 for _variant in ("dino", "dinov2"):
     JOBS[f"{_variant}_pretrain"] = JobSpec(

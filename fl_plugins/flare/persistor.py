@@ -25,6 +25,8 @@ class ConfigModelPersistor(PTFileModelPersistor):
     method / method_config: a registered method (``fl_plugins.methods.build``) whose wire state is the global model
         (pretraining jobs: the keys of ``method.state_module().state_dict()``).
     imports: plugin modules to import first (methods registered outside the package).
+    seed: the initial global model is built under ``torch.manual_seed(seed)`` (without touching the caller's RNG), so
+        round 0 is the same in every run of the job.
     global_model_file_name / best_global_model_file_name: file names under the server app folder.
     """
 
@@ -35,6 +37,7 @@ class ConfigModelPersistor(PTFileModelPersistor):
         method: str | None = None,
         method_config: dict[str, Any] | None = None,
         imports: list[str] | None = None,
+        seed: int = 0,
         global_model_file_name: str = "FL_global_model.pt",
         best_global_model_file_name: str = "best_FL_global_model.pt",
     ) -> None:
@@ -51,10 +54,18 @@ class ConfigModelPersistor(PTFileModelPersistor):
         self.method = method
         self.method_config = dict(method_config or {})
         self.imports = list(imports or [])
+        self.seed = int(seed)
         self.model = None
 
     def build_global_model(self) -> Any:
-        """The module whose ``state_dict`` (less ``exclude_regex``) is the initial global model."""
+        """The module whose ``state_dict`` (less ``exclude_regex``) is the initial global model (built seeded)."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self._build()
+
+    def _build(self) -> Any:
         if self.model_config is not None:
             from fl_plugins.models.factory import build_model
 

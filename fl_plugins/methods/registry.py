@@ -55,10 +55,20 @@ def register_method(
         raise ValueError(f"method name must be an identifier, got {name!r}")
     spec = MethodSpec(name=name, builder=builder, views=views, description=description)
     old = _REGISTRY.get(name)
-    if old is not None and not replace and (old.builder is not builder or old.views is not views):
+    if old is not None and not replace and not (_same_code(old.builder, builder) and _same_code(old.views, views)):
         raise ValueError(f"method {name!r} is already registered by {old.builder.__module__}; pass replace=True")
     _REGISTRY[name] = spec
     return spec
+
+
+def _same_code(a: Any, b: Any) -> bool:
+    """The same function, also when its module was imported twice under two names (a plugin file shipped in a
+    job's custom folder and imported from a package path too)."""
+    if a is b:
+        return True
+    ca, cb = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (ca is not None and cb is not None and ca.co_filename == cb.co_filename
+            and a.__qualname__ == b.__qualname__)
 
 
 def _ensure_builtin() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -61,6 +62,11 @@ def test_find_and_kill_processes_by_marker(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "import time,sys; time.sleep(60)", marker + "x"],
                          start_new_session=True)
     try:
+        # Popen returns after fork, before exec: until then the child's command line is still pytest's, so wait for
+        # the exec (under load this took long enough to fail the test about 2 runs in 3)
+        deadline = time.monotonic() + 20
+        while not poc_driver.find_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [pid for pid, _ in poc_driver.find_processes(marker)] == [p.pid]
         killed = poc_driver.kill_processes(marker, grace=5)
         assert [pid for pid, _ in killed] == [p.pid]

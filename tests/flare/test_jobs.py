@@ -86,12 +86,37 @@ def test_job_client_config(exported, name):
 
 @pytest.mark.parametrize("name", job_names())
 def test_shipped_jobs_folder_matches_registry(exported, name):
-    """jobs/<name> is an export of the registry; regenerate with `flssl export-jobs --out jobs`."""
-    for f in sorted((exported / name).rglob("*.json")):
-        rel = f.relative_to(exported)
-        shipped = REPO / "jobs" / rel
-        assert shipped.exists(), f"jobs/{rel} missing: run `flssl export-jobs --out jobs`"
-        assert json.loads(shipped.read_text()) == json.loads(f.read_text()), f"jobs/{rel} is stale"
+    """jobs/<name> is the export of the job's Recipe; regenerate with `flssl export-jobs --out jobs`."""
+    made = sorted(f.relative_to(exported) for f in (exported / name).rglob("*") if f.is_file())
+    shipped = sorted(f.relative_to(REPO / "jobs") for f in (REPO / "jobs" / name).rglob("*") if f.is_file())
+    assert shipped == made, f"jobs/{name} has other files than its export: run `flssl export-jobs --out jobs`"
+    for rel in made:
+        assert json.loads((REPO / "jobs" / rel).read_text()) == json.loads((exported / rel).read_text()), (
+            f"jobs/{rel} is stale")
+
+
+def test_every_jobs_folder_has_a_recipe_and_every_recipe_a_folder():
+    """Both directions: a folder in jobs/ that no Recipe exports fails, and so does a Recipe without a folder."""
+    from fl_plugins.flare.recipes import RECIPES
+
+    folders = {p.name for p in (REPO / "jobs").iterdir() if p.is_dir()}
+    assert folders == set(RECIPES) == set(job_names())
+
+
+def test_recipe_export_equals_the_job_and_refuses_bad_settings(tmp_path):
+    from fl_plugins.flare.recipes import DinoRecipe, recipe_for
+
+    r = DinoRecipe({"fl": {"num_rounds": 3}, "dino": {"lr": 5e-4}})
+    r.export(str(tmp_path))
+    client = json.loads((tmp_path / "dino_pretrain" / "app" / "config" / "config_fed_client.json").read_text())
+    args = client["executors"][0]["executor"]["args"]["handler_args"]
+    assert args["dino"]["lr"] == 5e-4 and args["total_rounds"] == 3
+    with pytest.raises(ValueError, match=r"job setting 'dino.lr' expects a number, got '5e-4x'"):
+        DinoRecipe({"dino": {"lr": "5e-4x"}})
+    with pytest.raises(ValueError, match="DinoRecipe builds job 'dino_pretrain', not 'finetune_cls'"):
+        DinoRecipe(job="finetune_cls")
+    with pytest.raises(ValueError, match="no recipe for job 'nope'"):
+        recipe_for("nope")
 
 
 def test_overrides_are_applied_and_unknown_keys_rejected():

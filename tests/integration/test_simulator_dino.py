@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_plugins import methods
 from fl_plugins.cli import main as flssl
 from fl_plugins.cpu_threads import site_thread_env
 from fl_plugins.models.factory import build_model
@@ -32,8 +33,8 @@ def test_pretrain_job_end_to_end(job, synth_seg_data, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     app = ws / "server" / "simulate_job" / "app_server"
     server_cfg = json.loads((REPO / "jobs" / job / "app/config/config_fed_server.json").read_text())
-    model_cfg = next(c for c in server_cfg["components"] if c["id"] == "persistor")["args"]["model_config"]
-    method = build_model(model_cfg)
+    persistor = next(c for c in server_cfg["components"] if c["id"] == "persistor")["args"]
+    method = methods.build(persistor["method"], persistor["method_config"])
     ckpt = torch.load(app / "FL_global_model.pt", map_location="cpu", weights_only=False)
     assert set(ckpt["model"]) == set(method.federated_state_dict())  # mode A: student + teacher + centres
     fm = json.loads((app / "final_metrics.json").read_text())
