@@ -129,3 +129,6 @@ class RunningPocEnv(PocEnv):
             raise RuntimeError(f"no POC system is running in {self.poc_workspace}: start one with "
                                "'python3 poc/poc.py prepare ...' and 'python3 poc/poc.py start'")
         return self._get_session_manager().submit_job(job)
+
+    def stop(self, clean_up: bool = False) -> None:
+        """Leave the POC system running: it belongs to whoever started it (``Run.get_result`` calls this)."""
