@@ -127,15 +127,17 @@ def breakdown(server_lines: list[str], site_lines: dict[str, list[str]], rounds:
         if exit_t is not None and exit_t <= starts[r]:
             add("server: last result accepted -> round noticed complete (task monitor)", exit_t - aggs[r - 1])
             add("server: round complete -> next round started (aggregate, select, persist)", starts[r] - exit_t)
-        last_done = None
+        last = None  # (done, handler seconds) of the site that finished last: the round's critical path
         for site, ev in sites.items():
             if len(ev["got_train"]) <= r or len(ev["train_done"]) <= r:
                 continue
             add(f"{site}: round started -> got the train task (polling + download)", ev["got_train"][r] - starts[r])
             add(f"{site}: got task -> task done (handler: validate + train)", ev["train_done"][r] - ev["got_train"][r])
-            last_done = max(last_done or 0.0, ev["train_done"][r])
-        if last_done is not None:
-            add("last site's task done -> its result accepted (upload)", aggs[r] - last_done)
+            if last is None or ev["train_done"][r] > last[0]:
+                last = (ev["train_done"][r], ev["train_done"][r] - ev["got_train"][r])
+        if last is not None:
+            add("last site's task done -> its result accepted (upload)", aggs[r] - last[0])
+            add("= FLARE time per round (round minus the last site's handler time)", aggs[r] - aggs[r - 1] - last[1])
     return {k: statistics.mean(v) for k, v in parts.items()}
 
 

@@ -31,6 +31,7 @@ OPTION_VARIANTS: dict[str, dict] = {
     "quantization=None": {"fl": {"quantization": None}},
     "quantization=float16": {"fl": {"quantization": "float16"}},
     "quantization=blockwise8": {"fl": {"quantization": "blockwise8"}},
+    "aggregator=weighted_average": {"fl": {"aggregator": "weighted_average"}},
 }
 
 CONFIGS = {"server": "config_fed_server.json", "client": "config_fed_client.json"}
@@ -139,9 +140,11 @@ def _emitted(exported) -> dict[str, list[str]]:
     return out
 
 
-def test_option_table_covers_every_quantization_type():
-    covered = {v.get("fl", {}).get("quantization") for v in OPTION_VARIANTS.values()}
-    assert set(job_builder.QUANTIZATION_TYPES) <= covered
+def test_option_table_covers_every_quantization_type_controller_and_aggregator():
+    fl = [v.get("fl", {}) for v in OPTION_VARIANTS.values()]
+    assert set(job_builder.QUANTIZATION_TYPES) <= {f.get("quantization") for f in fl}
+    assert set(job_builder.AGGREGATORS) <= {f.get("aggregator") for f in fl}
+    assert set(job_builder.CONTROLLERS) <= {f.get("controller", "fedavg") for f in fl}
 
 
 def test_written_list_is_default_plus_declared(sites):

@@ -1,6 +1,7 @@
 """A ready job's Recipe runs unchanged with nvflare's ``SimEnv`` (the Python path next to ``flssl simulate``): the
 DINO recipe, shrunk, on generated data with 2 simulated sites; the recipe wires the simulation workspace itself
-(class allow list + where each site's data is)."""
+(class allow list + where each site's data is). It names the aggregator, so the server runs
+fl_plugins' WeightedAverage (the one the in-process runner uses) inside nvflare's FedAvg."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_dino_recipe_runs_with_simenv(synth_seg_data, tmp_path, monkeypatch):
     from fl_plugins.flare.recipes import DinoRecipe
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    recipe = DinoRecipe({"fl": {"num_rounds": 2}, "dino": TINY, "steps_per_round": 2, "knn_max_items": 64},
+    recipe = DinoRecipe({"fl": {"num_rounds": 2, "aggregator": "weighted_average"}, "dino": TINY, "steps_per_round": 2, "knn_max_items": 64},
                         datalist=str(synth_seg_data / "{site}" / "datalist.json"))
     run = recipe.execute(SimEnv(num_clients=2, num_threads=2, workspace_root=str(tmp_path / "sim")))
     result = Path(run.get_result())
