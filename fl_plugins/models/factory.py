@@ -4,7 +4,7 @@ Config schema (``arch`` and ``num_classes`` always; other keys optional, default
 
     {"arch": "unet", "num_classes": 3,
      "in_channels": 1, "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
-     "num_res_units": 2, "norm": "batch", "dropout": 0.0}                       # fl_plugins.models.unet
+     "num_res_units": 2, "norm": "batch", "dropout": 0.0, "spatial_dims": 2}    # fl_plugins.models.unet
     {"arch": "vit_seg", "num_classes": 3, "backbone": {BackboneSpec fields},
      "pretrained": null, "feature_size": 16, "norm_name": "instance"}           # fl_plugins.models.vit_seg
     {"arch": "vit_classifier", "num_classes": 2, "backbone": {BackboneSpec fields},
@@ -33,7 +33,7 @@ _COMMON = ("arch", "num_classes")
 
 #: Valid config keys per architecture.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout"),
+    "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims"),
     "vit_seg": _COMMON + ("backbone", "pretrained", "feature_size", "norm_name"),
     "vit_classifier": _COMMON + ("backbone", "pretrained", "head", "freeze_backbone"),
 }

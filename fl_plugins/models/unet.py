@@ -1,4 +1,5 @@
-"""From-scratch 2D U-Net baseline (methods-spec 5.2 step 5, 8.1): a configured ``monai.networks.nets.UNet``.
+"""From-scratch U-Net baseline (methods-spec 5.2 step 5, 8.1): a configured ``monai.networks.nets.UNet``, 2D (default)
+or 3D (``spatial_dims=3``), and its encoder as a backbone (:class:`UNetEncoder`) whose weights load into it.
 
 The spec's reference network (positional_cl ``network/unet2d.py`` [V]) is a plain 4-level U-Net with ``f`` base
 channels; we use MONAI's residual U-Net with the same widths instead of copying that code (the repository has no
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-__all__ = ["build_unet", "UNET_DEFAULTS"]
+__all__ = ["build_unet", "UNET_DEFAULTS", "UNetEncoder"]
 
 #: Keyword defaults of :func:`build_unet` (reasons in the module docstring).
 UNET_DEFAULTS: dict = {
@@ -32,6 +34,7 @@ UNET_DEFAULTS: dict = {
     "num_res_units": 2,
     "norm": "batch",
     "dropout": 0.0,
+    "spatial_dims": 2,
 }
 
 
@@ -43,8 +46,9 @@ def build_unet(
     num_res_units: int = 2,
     norm: str = "batch",
     dropout: float = 0.0,
+    spatial_dims: int = 2,
 ) -> nn.Module:
-    """Build the 2D MONAI U-Net baseline.
+    """Build the MONAI U-Net baseline (2D slices or 3D volumes).
 
     Args:
         num_classes: output channels (segmentation classes including background), >= 2.
@@ -54,9 +58,11 @@ def build_unet(
         num_res_units: residual units per block (0 = plain conv blocks).
         norm: MONAI norm name ("batch", "instance", ...).
         dropout: dropout probability inside the blocks.
+        spatial_dims: 2 (``[B, C, H, W]``) or 3 (``[B, C, D, H, W]``).
 
     Returns:
-        ``monai.networks.nets.UNet`` mapping ``x [B, in_channels, H, W]`` to logits ``[B, num_classes, H, W]``.
+        ``monai.networks.nets.UNet`` mapping ``x [B, in_channels, *spatial]`` to logits
+        ``[B, num_classes, *spatial]``.
 
     Raises:
         ValueError: on inconsistent settings.
@@ -65,10 +71,12 @@ def build_unet(
         raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
     if len(channels) != len(strides) + 1:
         raise ValueError(f"channels needs len(strides) + 1 = {len(strides) + 1} entries, got {list(channels)}")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if num_res_units < 0:
         raise ValueError(f"num_res_units must be >= 0, got {num_res_units}")
     return UNet(
-        spatial_dims=2,
+        spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
         channels=tuple(int(c) for c in channels),
@@ -77,3 +85,47 @@ def build_unet(
         norm=norm,
         dropout=dropout,
     )
+
+
+class UNetEncoder(nn.Module):
+    """The contracting path of :func:`build_unet` as a backbone: ``x [B, C, *spatial]`` -> ``[B, channels[-1]]``
+    (global average of the bottom block's features).
+
+    Its ``state_dict`` keys are exactly the U-Net's own keys for the down blocks and the bottom block
+    (``model.0.*``, ``model.1.submodule.0.*``, ...; the up blocks are removed), so a pretrained encoder loads into
+    the segmentation U-Net of ``finetune_seg_unet`` with ``load_state_dict(encoder_sd, strict=False)`` and fills
+    every encoder tensor of it.
+
+    Args:
+        unet_kwargs: :func:`build_unet` arguments other than ``num_classes`` (the decoder's output is not built).
+    """
+
+    def __init__(self, **unet_kwargs: object) -> None:
+        super().__init__()
+        unet = build_unet(num_classes=2, **unet_kwargs)  # type: ignore[arg-type]
+        self.spatial_dims = int(unet_kwargs.get("spatial_dims", 2))  # type: ignore[call-overload]
+        self.embed_dim = int(unet.channels[-1])
+        block: nn.Module = unet.model
+        while True:  # MONAI nests Sequential(down, SkipConnection(sub), up); the innermost sub is the bottom block
+            block[2] = nn.Identity()  # drop the up block (no parameters left on the expanding path)
+            sub = block[1].submodule
+            if isinstance(sub, nn.Sequential) and len(sub) == 3:
+                block = sub
+                continue
+            break
+        self.model = unet.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"UNetEncoder(spatial_dims={self.spatial_dims}) takes [B, C, {'D, ' * (self.spatial_dims == 3)}H, W] "
+                             f"input, got shape {tuple(x.shape)}")
+        block: nn.Module = self.model
+        while True:
+            x = block[0](x)
+            sub = block[1].submodule
+            if isinstance(sub, nn.Sequential) and len(sub) == 3:
+                block = sub
+                continue
+            x = sub(x)
+            break
+        return x.flatten(2).mean(-1)
