@@ -14,8 +14,15 @@ from nvflare.apis.controller_spec import Task, TaskCompletionStatus
 from nvflare.apis.fl_context import FLContext, FLContextManager
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 from nvflare.apis.shareable import Shareable
+from nvflare.app_common.workflows.model_controller import ModelController
 
-from fl_plugins.flare.controllers import FedAvgWithFinalValidation, NotEnoughSitesError, plain_metrics
+from fl_plugins.flare.controllers import (
+    FedAvgWithFinalValidation,
+    FinalValidation,
+    NotEnoughSitesError,
+    SiteLiveness,
+    plain_metrics,
+)
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -216,3 +223,42 @@ def test_plain_metrics_makes_site_metrics_json_ready():
     assert m == {"accuracy": 0.5, "n": 3, "ok": True, "name": "x", "per_class": [0.25, 1], "hist": "[0 1 2]",
                  "7": None}
     assert type(m["accuracy"]) is float and type(m["n"]) is int
+
+
+class _StageWise(SiteLiveness, FinalValidation, ModelController):
+    """Another controller (not FedAvg) composed from the reusable server pieces, as a stage-wise or two-phase
+    workflow would be: it gets lost-site handling and final validation without copying them."""
+
+    def __init__(self, num_clients: int = 2) -> None:
+        super().__init__()
+        self.num_clients = num_clients
+        self.current_round = 0
+        self.init_site_liveness()
+        self.init_final_validation()
+
+    def run(self) -> None:  # pragma: no cover - not driven here
+        pass
+
+
+def test_site_liveness_is_reusable_by_any_model_controller():
+    engine = FakeEngine(SITES)
+    ctrl = _StageWise(num_clients=2)
+    comm = WFCommServer()
+    ctrl.set_communicator(comm)
+    comm._engine = engine
+    comm._dead_client_grace = 0.0
+    ctrl.engine = engine
+    ctrl.fl_ctx = engine.new_context()
+    engine.handlers.append(ctrl)
+    task = _round(ctrl, engine, ctrl.sample_clients())
+    assert task.targets == SITES
+    for s in ("site-1", "site-2"):
+        _answer(comm, engine, s)
+    _disconnect(comm, engine, "site-3")
+    assert task.targets == ["site-1", "site-2"]
+    _check(comm)
+    assert comm.get_num_standing_tasks() == 0 and task.completion_status == TaskCompletionStatus.OK
+    assert ctrl.sample_clients() == ["site-1", "site-2"]
+    _disconnect(comm, engine, "site-2")
+    with pytest.raises(NotEnoughSitesError, match=r"only 1 connected site\(s\) \['site-1'\]"):
+        ctrl.sample_clients()
