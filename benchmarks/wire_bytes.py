@@ -30,6 +30,7 @@ def main() -> None:
 
     from fl_plugins.flare.job_builder import JOBS
     from fl_plugins.methods.dino import DINOConfig, DINOMethod
+    from fl_plugins.wire import META_NUM_STEPS
 
     common_decomposers.register()  # numpy arrays on the wire, as in a FLARE site process
     base = dict(JOBS[f"{args.variant}_pretrain"].defaults["dino"])
@@ -44,7 +45,7 @@ def main() -> None:
         n = sum(v.size for v in params.values())
         raw = 4 * n
         model = FLModel(params=params, params_type=ParamsType.FULL, metrics={"knn_accuracy": 0.5},
-                        meta={"NUM_STEPS_CURRENT_ROUND": 100, "ssl_loss": 1.0})
+                        meta={META_NUM_STEPS: 100, "ssl_loss": 1.0})
         wire32 = len(fobs.dumps(FLModelUtils.to_shareable(model)))
         q = ModelQuantizer(quantization_type="float16")
         shareable16 = q.process(FLModelUtils.to_shareable(model), FLContext())

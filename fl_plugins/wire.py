@@ -15,7 +15,6 @@ __all__ = [
     "META_CLIENT_NAME",
     "META_CURRENT_ROUND",
     "META_TOTAL_ROUNDS",
-    "META_GLOBAL_STEP",
 ]
 
 # -- task names (the server sends them; a handler declares which it handles) -----------------------------------------
@@ -31,5 +30,3 @@ META_CLIENT_NAME = "client_name"
 #: nvflare ``FLMetaKey.CURRENT_ROUND`` / ``FLMetaKey.TOTAL_ROUNDS``.
 META_CURRENT_ROUND = "current_round"
 META_TOTAL_ROUNDS = "total_rounds"
-#: The server-owned global step of the first local step of a round (schedules are pure functions of it).
-META_GLOBAL_STEP = "global_step"
