@@ -127,6 +127,3 @@ class HandlerExecutor(Executor):
         except Exception as e:
             self.log_error(fl_ctx, f"task {task_name!r} failed: {e}\n{traceback.format_exc()}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-
-    def get_handler(self) -> Any:
-        return self._handler

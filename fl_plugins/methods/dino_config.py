@@ -8,7 +8,7 @@ Tags as in methods-spec 0.1: [V] from the official code, [R] project default for
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from fl_plugins.core.schedules import cosine_schedule, cosine_with_warmup, linear_warmup_then_constant
@@ -231,7 +231,3 @@ class DINOConfig:
         if unknown:
             raise ValueError(f"unknown DINO setting(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
-
-    def with_changes(self, **changes: Any) -> DINOConfig:
-        """Copy with changes, re-validated. Resolved variant defaults are kept unless set back to ``None``."""
-        return replace(self, **changes)
