@@ -129,7 +129,7 @@ def _datalist_template(data: str | None) -> str | None:
     raise CLIError(f"--data must be a folder of <site>/datalist.json or a path with {{site}}, got {data!r}")
 
 
-_PROGRESS = re.compile(r"(Round \d+ started|Finished FedAvg|final validation|new best validation metric|ERROR|"
+_PROGRESS = re.compile(r"(Round \d+ started|Finished FedAvg|final validation|new best global model|ERROR|"
                        r"cannot start|Traceback|system_panic|Error)")
 
 

@@ -40,10 +40,10 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from fl_plugins.engine.checkpoint import atomic_write_text
+from fl_plugins.engine.checkpoint import atomic_torch_save, atomic_write_text
 from fl_plugins.wire import META_CLIENT_NAME, TASK_VALIDATE
 
-__all__ = ["FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness", "plain_metrics"]
+__all__ = ["BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness", "plain_metrics"]
 
 
 class NotEnoughSitesError(RuntimeError):
@@ -245,7 +245,55 @@ class FinalValidation:
         return summary
 
 
-class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
+class BestModelSelection:
+    """Mixin for any nvflare ``ModelController``: the best global model, chosen right.
+
+    A site's ``train`` result reports metrics of the model it *received* (the previous aggregate, or the initial
+    model in the first round), and the final validation scores the last aggregate. So every global model the sites
+    validated is a candidate, the last aggregate included, and the candidate saved is the model that was scored,
+    not the aggregate made after it. Its score is the unweighted mean of ``key_metric`` over the sites that report
+    it (every site counts once, whatever its size). The model (federated keys, as on the wire) and its score are
+    saved together in ``<server app dir>/best_FL_global_model.pt`` (``{"model": ..., "best": {"aggregate",
+    "round", "score", "sites"}}``; ``aggregate`` = the round whose aggregate it is, -1 = the initial model),
+    atomically, and in ``best_metric.json``. Call :meth:`init_best_model` in ``__init__``.
+    """
+
+    BEST_MODEL_FILE = "best_FL_global_model.pt"
+    BEST_METRIC_FILE = "best_metric.json"
+
+    def init_best_model(self, key_metric: str | None) -> None:
+        if key_metric is not None and (not isinstance(key_metric, str) or not key_metric):
+            raise ValueError(f"key_metric must be a metric name or None, got {key_metric!r}")
+        self.key_metric = key_metric
+        self.best: dict[str, Any] | None = None
+
+    def consider_candidate(self, params: dict[str, Any], aggregate: int, per_site: dict[str, dict[str, Any]],
+                           when: str) -> bool:
+        """Save ``params`` as the best model if its score beats the best so far; returns whether it did."""
+        if not self.key_metric:
+            return False
+        values = {s: float(m[self.key_metric]) for s, m in per_site.items() if _is_number(m.get(self.key_metric))}
+        if not values:
+            self.log_warning(self.fl_ctx, f"{when}: no site reported {self.key_metric!r}; not a best-model candidate",
+                             fire_event=False)
+            return False
+        score = sum(values.values()) / len(values)
+        if self.best is not None and score <= self.best["score"]:
+            return False
+        import torch
+
+        self.best = {"aggregate": int(aggregate), "round": when, "score": score, "key_metric": self.key_metric,
+                     "sites": values}
+        app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) or "."
+        state = {k: torch.as_tensor(v).clone() for k, v in params.items()}
+        atomic_torch_save({"model": state, "best": self.best}, os.path.join(app_root, self.BEST_MODEL_FILE))
+        atomic_write_text(json.dumps(self.best, indent=2), os.path.join(app_root, self.BEST_METRIC_FILE))
+        self.info(f"new best global model: the {'initial model' if aggregate < 0 else f'aggregate of round {aggregate}'}"
+                  f", mean {self.key_metric} {score:.4f} over {sorted(values)} ({when})")
+        return True
+
+
+class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelection, FedAvg):
     """FedAvg over all connected sites, dropping lost sites, + final validation (see the module docstring).
 
     Other arguments are ``FedAvg``'s (``num_rounds``, ``persistor_id``, ``task_check_period``, ...).
@@ -257,6 +305,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
             ``k`` of them each round (``>= num_clients``).
         final_validation: run the extra ``validate`` phase after the last round.
         validation_timeout: seconds to wait for the validation results (0 = no limit).
+        key_metric: the site metric that picks the best global model (:class:`BestModelSelection`); None = off.
 
     Raises:
         ValueError: a setting out of range (the message names it and its value).
@@ -269,6 +318,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
         sites_per_round: int | None = None,
         final_validation: bool = True,
         validation_timeout: int = 0,
+        key_metric: str | None = None,
         **kwargs: Any,
     ) -> None:
         _check_int("num_clients", num_clients, 1)
@@ -281,7 +331,9 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
         super().__init__(*args, num_clients=num_clients, **kwargs)
         self.init_site_liveness(sites_per_round)
         self.init_final_validation(final_validation, validation_timeout)
+        self.init_best_model(key_metric)
         self._last_model: FLModel | None = None
+        self._round_metrics: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------------ workflow
 
@@ -289,10 +341,26 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, FedAvg):
         self._last_model = model
         super().save_model(model)
 
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        """nvflare 2.9 ``FedAvg``'s per-result callback, plus: remember the site's metrics of the received model."""
+        site = (result.meta or {}).get(META_CLIENT_NAME, "?")
+        self._round_metrics[site] = plain_metrics(result.metrics or {})
+        return super()._aggregate_one_result(result)
+
+    def update_model(self, model: FLModel, aggregate_results: FLModel) -> FLModel:
+        """Before the aggregate replaces it, ``model`` (what the sites received and scored) is a best candidate."""
+        rnd = int(self.current_round)
+        self.consider_candidate(dict(model.params), rnd - 1, self._round_metrics, f"round {rnd}")
+        self._round_metrics = {}
+        return super().update_model(model, aggregate_results)
+
     def run(self) -> None:
         self._phase = None
         super().run()
         if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
             return
-        self.run_final_validation(self._last_model.params, self._last_model.params_type,
-                                  self.start_round + self.num_rounds, self.num_rounds)
+        last = self.start_round + self.num_rounds - 1
+        summary = self.run_final_validation(self._last_model.params, self._last_model.params_type, last + 1,
+                                            self.num_rounds)
+        if summary is not None:
+            self.consider_candidate(dict(self._last_model.params), last, summary["sites"], "the final validation")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
-from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 
@@ -127,11 +126,11 @@ def build_fedavg_job(
         persistor_id="persistor",
         task_check_period=fl.task_check_period,
         aggregator=aggregator,
+        key_metric=fl.key_metric,
     )
     job.to_server(controller, id="controller")
     job.to_server(ConfigModelPersistor(model_config=model_config, exclude_regex=exclude_vars, method=method,
                                        method_config=method_config, imports=imports), id="persistor")
-    job.to_server(IntimeModelSelector(key_metric=fl.key_metric), id="model_selector")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
     if client == "executor":

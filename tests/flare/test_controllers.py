@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import Task, TaskCompletionStatus
+from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext, FLContextManager
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fl_plugins.flare.controllers import (
+    BestModelSelection,
     FedAvgWithFinalValidation,
     FinalValidation,
     NotEnoughSitesError,
@@ -262,3 +264,45 @@ def test_site_liveness_is_reusable_by_any_model_controller():
     _disconnect(comm, engine, "site-2")
     with pytest.raises(NotEnoughSitesError, match=r"only 1 connected site\(s\) \['site-1'\]"):
         ctrl.sample_clients()
+
+
+class _Best(BestModelSelection):
+    def __init__(self, app_root, key_metric="val_dice") -> None:
+        self.fl_ctx = FLContext()
+        self.fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_root))
+        self.init_best_model(key_metric)
+        self.logged: list[str] = []
+
+    def info(self, msg):
+        self.logged.append(msg)
+
+    def log_warning(self, fl_ctx, msg, fire_event=False):
+        self.logged.append(msg)
+
+
+def test_best_model_candidates_scored_by_the_unweighted_site_mean_and_saved_with_their_score(tmp_path):
+    import json
+
+    import torch
+
+    best = _Best(tmp_path)
+    w0, w1, w2 = ({"w": np.full(2, v, np.float32)} for v in (0.0, 1.0, 2.0))
+    assert best.consider_candidate(w0, -1, {"site-1": {"val_dice": 0.2}, "site-2": {"val_dice": 0.4}}, "round 0")
+    assert not best.consider_candidate(w1, 0, {"site-1": {"val_dice": 0.1}, "site-2": {"val_dice": 0.5}}, "round 1")
+    # 0.45 = (0.3 + 0.6) / 2 beats 0.3 although a sample-weighted mean could rank them otherwise
+    assert best.consider_candidate(w2, 1, {"site-1": {"val_dice": 0.3}, "site-2": {"val_dice": 0.6}},
+                                   "the final validation")
+    saved = torch.load(tmp_path / "best_FL_global_model.pt", weights_only=False)
+    assert torch.equal(saved["model"]["w"], torch.full((2,), 2.0))
+    assert saved["best"] == json.loads((tmp_path / "best_metric.json").read_text())
+    assert saved["best"]["score"] == pytest.approx(0.45) and saved["best"]["aggregate"] == 1
+    assert saved["best"]["round"] == "the final validation"
+    assert not best.consider_candidate(w0, 2, {"site-1": {"loss": 1.0}}, "round 3")  # no key metric reported
+    assert "no site reported 'val_dice'" in best.logged[-1]
+
+
+def test_best_model_selection_off_and_bad_key_metric(tmp_path):
+    assert not _Best(tmp_path, key_metric=None).consider_candidate({"w": np.zeros(1)}, 0, {"s": {"x": 1.0}}, "r")
+    assert not (tmp_path / "best_FL_global_model.pt").exists()
+    with pytest.raises(ValueError, match="key_metric must be a metric name or None, got ''"):
+        _Best(tmp_path, key_metric="")

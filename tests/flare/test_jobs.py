@@ -55,7 +55,7 @@ def test_job_server_config(exported, name):
     assert wf["path"] == "fl_plugins.flare.controllers.FedAvgWithFinalValidation"
     assert wf["args"]["task_check_period"] == 0.05 and wf["args"]["num_rounds"] == 2
     comps = {c["id"]: c for c in cfg["components"]}
-    assert set(comps) == {"persistor", "model_selector", "tb_receiver"}
+    assert set(comps) == {"persistor", "tb_receiver"}  # the controller picks the best model (no model selector)
     if name.startswith("finetune"):
         assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
         assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
@@ -63,8 +63,7 @@ def test_job_server_config(exported, name):
         args = comps["persistor"]["args"]
         assert args["method"] == "dino" and args["method_config"]["federation_mode"] == "A"
         assert "exclude_regex" not in args and "model_config" not in args
-    # args equal to their defaults are not exported (IntimeModelSelector defaults to "val_accuracy")
-    assert comps["model_selector"]["args"].get("key_metric", "val_accuracy") == JOBS[name].defaults["fl"]["key_metric"]
+    assert wf["args"]["key_metric"] == JOBS[name].defaults["fl"]["key_metric"]
 
 
 @pytest.mark.parametrize("name", job_names())

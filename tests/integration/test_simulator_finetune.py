@@ -18,6 +18,7 @@ import torch
 
 from fl_plugins.cli import main as flssl
 from fl_plugins.cpu_threads import site_thread_env
+from fl_plugins.engine.finetune import federated_keys
 from fl_plugins.models.factory import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,11 +52,35 @@ def test_checkpoints_are_loadable_and_complete(sim_run):
     model_cfg = json.loads((REPO / "jobs/finetune_seg_unet/app/config/config_fed_server.json").read_text())
     model_cfg = next(c for c in model_cfg["components"] if c["id"] == "persistor")["args"]["model_config"]
     model = build_model(model_cfg)
-    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
-        ckpt = torch.load(app / name, map_location="cpu", weights_only=False)
-        assert set(ckpt["model"]) == set(model.state_dict()), name
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt["model"].items()})
+    ckpt = torch.load(app / "FL_global_model.pt", map_location="cpu", weights_only=False)
+    assert set(ckpt["model"]) == set(model.state_dict())
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt["model"].items()})
+    best = torch.load(app / "best_FL_global_model.pt", map_location="cpu", weights_only=False)
+    assert set(best["model"]) == set(federated_keys(model))  # the model as the sites received and scored it
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in best["model"].items()}, strict=False)
     assert not list(app.glob(".*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def test_best_model_is_the_best_scored_candidate_last_aggregate_included(sim_run):
+    """Every model the sites validated is a candidate: the one received in round r (step r in TensorBoard: the
+    aggregate of round r-1) and the last aggregate (the final validation, step 2). The saved best is the candidate
+    with the highest mean val_dice over sites, saved with its score."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = sim_run / "server" / "simulate_job" / "tb_events"
+    per_step: dict[int, list[float]] = {}
+    for site in ("site-1", "site-2"):
+        acc = EventAccumulator(str(tb / site))
+        acc.Reload()
+        for e in acc.Scalars("val_dice"):
+            per_step.setdefault(e.step, []).append(e.value)
+    means = {step: sum(v) / len(v) for step, v in per_step.items()}
+    app = sim_run / "server" / "simulate_job" / "app_server"
+    best = torch.load(app / "best_FL_global_model.pt", map_location="cpu", weights_only=False)["best"]
+    assert best == json.loads((app / "best_metric.json").read_text())
+    top = max(means, key=lambda s: means[s])
+    assert best["score"] == pytest.approx(means[top], abs=1e-6) and best["aggregate"] == top - 1
+    assert best["key_metric"] == "val_dice" and set(best["sites"]) == {"site-1", "site-2"}
 
 
 def test_final_validation_of_every_site(sim_run):
