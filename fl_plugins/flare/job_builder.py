@@ -61,6 +61,7 @@ class FLSettings:
     task_check_period: float = 0.05  # s; nvflare default 0.5 s
     key_metric: str = "val_dice"
     quantization: str | None = None  # None (float32) | "float16" | "blockwise8": FLARE's ModelQuantizer filters
+    seed: int = 0  # fixes the initial global model and every site's data order, augmentations and masks
     controller: str = "fedavg"  # a name in CONTROLLERS (the server workflow)
     aggregator: str | None = None  # None: the controller's built-in weighted FedAvg; else a name in AGGREGATORS
 
@@ -73,6 +74,8 @@ class FLSettings:
             raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
         if not 0 < self.task_request_interval <= 60:
             raise ValueError(f"task_request_interval must be in (0, 60] seconds, got {self.task_request_interval}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got {self.controller!r}")
         if self.aggregator is not None and self.aggregator not in AGGREGATORS:
@@ -130,7 +133,7 @@ def build_fedavg_job(
     )
     job.to_server(controller, id="controller")
     job.to_server(ConfigModelPersistor(model_config=model_config, exclude_regex=exclude_vars, method=method,
-                                       method_config=method_config, imports=imports), id="persistor")
+                                       method_config=method_config, imports=imports, seed=fl.seed), id="persistor")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
     if client == "executor":
@@ -226,7 +229,8 @@ def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
 def _finetune_builder(name: str, s: dict[str, Any]) -> FedJob:
     fl = FLSettings(**s["fl"])
     model_cfg = s["model"]
-    args = {"model": model_cfg, "trainer": s["trainer"], "image_size": s["image_size"],
+    trainer = {**s["trainer"], "seed": fl.seed}  # the job's seed: data order, augmentation, dropout per round
+    args = {"model": model_cfg, "trainer": trainer, "image_size": s["image_size"],
             "num_labelled_patients": s["num_labelled_patients"], "total_rounds": fl.num_rounds}
     return build_fedavg_job(name, "finetune", args, fl, model_config=model_cfg, exclude_vars=_non_federated(model_cfg))
 
@@ -361,6 +365,7 @@ def build_pretrain_job(
 
     settings = FLSettings(**{"key_metric": "knn_accuracy", **(fl or {})})
     import_plugins(imports or [])
+    config = {**config, "seed": config.get("seed", settings.seed)}
     exclude = non_federated_regex_of(build(method, dict(config)))  # validates the config here, not on the sites
     args = {"method": method, "config": dict(config), "steps_per_round": steps_per_round,
             "total_rounds": settings.num_rounds, "knn_every": knn_every, "knn_max_items": knn_max_items,
@@ -374,6 +379,7 @@ def _dino_builder(name: str, s: dict[str, Any]) -> FedJob:
 
     fl = FLSettings(**s["fl"])
     dino = dict(s["dino"])
+    dino.setdefault("seed", fl.seed)  # the job's seed (mixed with each site's name on the sites)
     if dino.get("total_steps") is None:
         dino["total_steps"] = s["steps_per_round"] * fl.num_rounds
     try:  # validate early: a bad value is named when the job is built, not on the sites at run time

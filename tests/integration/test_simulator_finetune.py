@@ -134,3 +134,24 @@ def test_a_site_with_bad_data_stops_the_job(synth_seg_data, tmp_path):
     assert proc.returncode != 0
     assert "site 'site-2' cannot start" in log and "not_there.nii.gz" in log
     assert "Result from site-2 is bad" in log
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(sim_run, synth_seg_data, tmp_path):
+    """The job's seed (fl.seed, default 0) fixes the initial global model and every site's data order, augmentation
+    and dropout: the same command gives the same final metrics; another seed gives other ones. Tolerance 1e-6: the
+    server sums the sites' results in arrival order, which may differ between runs (float addition is not
+    associative); everything else is seeded (no data-loader workers, CPU kernels)."""
+    def final(ws):
+        return json.loads((ws / "server/simulate_job/app_server/final_metrics.json").read_text())["sites"]
+
+    first = final(sim_run)
+    for seed, same in ((0, True), (1, False)):
+        ws = tmp_path / f"ws{seed}"
+        assert flssl(["simulate", "--job", "finetune_seg_unet", "--data", str(synth_seg_data), "-w", str(ws),
+                      "--sites", "2", "--quiet", "--set", f"fl.seed={seed}"]) == 0
+        again = final(ws)
+        diffs = [abs(again[s]["val_dice"] - first[s]["val_dice"]) for s in first]
+        if same:
+            assert max(diffs) <= 1e-6, (first, again)
+        else:
+            assert max(diffs) > 1e-3, (first, again)
