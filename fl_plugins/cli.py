@@ -69,7 +69,8 @@ def cmd_check_data(a: argparse.Namespace) -> int:
         dl = load_datalist(p)
         validate_datalist(dl, sections=("training", "validation", "test"), deep=True)
         n = {s: len(dl.get(s, [])) for s in ("training", "validation", "test")}
-        print(f"OK {p}: {n}")
+        preset = dl["modality_preset"] + (f" ({dl['modality_preset_reason']})" if "modality_preset_reason" in dl else "")
+        print(f"OK {p}: {n}, intensity preset {preset}")
     return 0
 
 

@@ -8,6 +8,7 @@ consistent). Both raise :class:`DataError` naming the file, the field and the ba
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ __all__ = [
     "write_datalist",
 ]
 
+logger = logging.getLogger(__name__)
+
 DATALIST_NAME = "datalist.json"  # <data folder>/<site>/datalist.json, written by `flssl synth` / `flssl split`
 FORMATS = ("decathlon", "medmnist")
 TASKS = ("segmentation", "classification")
@@ -50,6 +53,30 @@ def _resolve(value: Any, base: Path, where: str) -> str:
     return str(Path(p).resolve())
 
 
+#: modality names (Decathlon ``dataset.json`` "modality" values, lower-cased) -> intensity preset
+MODALITY_PRESETS = {"mr": "mr", "mri": "mr", "t1": "mr", "t2": "mr", "flair": "mr", "t1gd": "mr", "adc": "mr",
+                    "cine-mri": "mr", "ct": "ct", "us": "unit", "ultrasound": "unit", "xray": "unit",
+                    "x-ray": "unit"}
+
+
+def _default_preset(dl: dict[str, Any], name: str) -> tuple[str, str]:
+    """The intensity preset of a datalist that names none: MedMNIST images are 8-bit (``unit``); otherwise from the
+    datalist's ``modality`` (a name, or Decathlon's ``{"0": "MRI"}``); with neither, the user must choose."""
+    if dl["format"] == "medmnist":
+        return "unit", "MedMNIST images are 8-bit: scaled to [0, 1]"
+    modality = dl.get("modality")
+    if isinstance(modality, dict):
+        modality = next(iter(modality.values()), None)
+    if isinstance(modality, str) and modality.strip().lower() in MODALITY_PRESETS:
+        return MODALITY_PRESETS[modality.strip().lower()], f"from modality {modality!r}"
+    raise DataError(
+        f"datalist {name!r}: required field 'modality_preset' is missing"
+        + (f" and modality {modality!r} is not one of {sorted(MODALITY_PRESETS)}" if modality else "")
+        + f": set it to one of {sorted(PRESETS)} ('mr': z-score per volume, 'ct': HU window, 'unit': [0, 1]; "
+        "'flssl split' writes it) -- evaluating with the wrong preset gives meaningless scores"
+    )
+
+
 def load_datalist(path: str | Path) -> dict[str, Any]:
     """Load a site datalist, check its schema and resolve relative paths.
 
@@ -57,8 +84,9 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
         path: the datalist JSON file, or a folder holding ``datalist.json``.
 
     Returns:
-        The datalist dict with ``validation``/``test`` defaulting to ``[]``, ``modality_preset`` defaulting to
-        ``"unit"``, every entry's ``image``/``label``/``npz`` made absolute, every training entry's ``labelled``
+        The datalist dict with ``validation``/``test`` defaulting to ``[]``, ``modality_preset`` defaulted when
+        absent (MedMNIST: ``"unit"``; else from ``modality``; else an error) with ``modality_preset_reason`` and a
+        logged warning, every entry's ``image``/``label``/``npz`` made absolute, every training entry's ``labelled``
         filled in (default: it has a ``label``), and ``datalist_path`` (absolute path of the file) added.
 
     Raises:
@@ -94,7 +122,11 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
                         f"got task={dl['task']!r}")
     if not _is_int(dl["num_classes"]) or dl["num_classes"] < 1:
         raise DataError(f"datalist {name!r}: field 'num_classes' must be an integer >= 1, got {dl['num_classes']!r}")
-    dl.setdefault("modality_preset", "unit")
+    if "modality_preset" not in dl:
+        preset, reason = _default_preset(dl, name)
+        dl["modality_preset"] = preset
+        dl["modality_preset_reason"] = reason
+        logger.warning("datalist %s: no 'modality_preset'; using %r (%s)", name, preset, reason)
     if dl["modality_preset"] not in PRESETS:
         raise DataError(f"datalist {name!r}: field 'modality_preset' = {dl['modality_preset']!r}, "
                         f"expected one of {sorted(PRESETS)}")

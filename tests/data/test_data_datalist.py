@@ -154,3 +154,33 @@ def test_medmnist_datalist_deep_checks(mt_sites, tmp_path):
     dl["training"][0]["index"] = 10_000
     with pytest.raises(DataError, match="10000"):
         validate_datalist(dl, deep=True)
+
+
+@pytest.mark.parametrize("modality,preset", [("MRI", "mr"), ({"0": "CT"}, "ct"), ({"0": "cine-MRI"}, "mr")])
+def test_missing_preset_defaults_from_the_modality_with_a_warning(tiny_site, caplog, modality, preset):
+    _edit(tiny_site, lambda d: (d.pop("modality_preset", None), d.update(modality=modality)))
+    with caplog.at_level("WARNING"):
+        dl = load_datalist(tiny_site)
+    assert dl["modality_preset"] == preset and "from modality" in dl["modality_preset_reason"]
+    assert f"no 'modality_preset'; using '{preset}'" in caplog.text and str(tiny_site) in caplog.text
+
+
+@pytest.mark.parametrize("modality,expect", [
+    (None, "required field 'modality_preset' is missing: set it to one of ['ct', 'mr', 'unit']"),
+    ("PET", "required field 'modality_preset' is missing and modality 'PET' is not one of"),
+])
+def test_missing_preset_without_a_known_modality_is_an_error_naming_the_field(tiny_site, modality, expect):
+    _edit(tiny_site, lambda d: (d.pop("modality_preset", None), d.update(modality=modality) if modality else None))
+    with pytest.raises(DataError) as e:
+        load_datalist(tiny_site)
+    assert expect in str(e.value) and str(tiny_site) in str(e.value)
+
+
+def test_medmnist_without_preset_is_unit(synth_cls_data, tmp_path):
+    import shutil
+
+    site = tmp_path / "site-1"
+    shutil.copytree(synth_cls_data / "site-1", site)
+    _edit(site / "datalist.json", lambda d: d.pop("modality_preset", None))
+    dl = load_datalist(site / "datalist.json")
+    assert dl["modality_preset"] == "unit" and "8-bit" in dl["modality_preset_reason"]
