@@ -64,13 +64,29 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 def cmd_check_data(a: argparse.Namespace) -> int:
     from fl_plugins.data import load_datalist, validate_datalist
+    from fl_plugins.flare.data_check import job_data_notes, job_data_problems
 
+    settings = None
+    if a.job:
+        from fl_plugins.flare.job_builder import job_settings
+
+        try:
+            settings = job_settings(a.job, parse_set(a.set))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+    problems: list[str] = []
     for p in _datalists(a.datalist):
         dl = load_datalist(p)
         validate_datalist(dl, sections=("training", "validation", "test"), deep=True)
+        if settings is not None:
+            problems += job_data_problems(a.job, settings, dl)
+        for note in job_data_notes(dl):
+            print(f"note: {note}")
         n = {s: len(dl.get(s, [])) for s in ("training", "validation", "test")}
         preset = dl["modality_preset"] + (f" ({dl['modality_preset_reason']})" if "modality_preset_reason" in dl else "")
         print(f"OK {p}: {n}, intensity preset {preset}")
+    if problems:
+        raise CLIError(f"the data does not fit job {a.job!r}:\n  " + "\n  ".join(problems))
     return 0
 
 
@@ -166,24 +182,59 @@ def sim_outputs(ws: Path) -> dict[str, Path]:
     }
 
 
-def _preflight_sites(template: str | None, n_sites: int) -> None:
-    """Check every simulated site's datalist (files exist, NIfTI readable, labels, shapes) before FLARE starts."""
+def _preflight_sites(template: str | None, n_sites: int, job: str | None = None,
+                     settings: dict[str, Any] | None = None) -> None:
+    """Check every simulated site's datalist (files exist, NIfTI readable, labels, shapes) and, for a ready job, that
+    the data fits it (task, class count, 2D/3D), before FLARE starts."""
     from fl_plugins.data import load_datalist, validate_datalist
+    from fl_plugins.flare.data_check import job_data_notes, job_data_problems
 
     if template is None:
         return
     t0 = time.perf_counter()
+    problems: list[str] = []
+    notes: set[str] = set()
     for i in range(1, n_sites + 1):
         dl_path = Path(template.replace("{site}", f"site-{i}"))
         if not dl_path.is_file():
             raise CLIError(f"simulated site site-{i} has no datalist at {str(dl_path)!r} (--data has fewer sites "
                            f"than --sites={n_sites}?)")
-        validate_datalist(load_datalist(dl_path), sections=("training", "validation"), deep=True)
+        dl = load_datalist(dl_path)
+        validate_datalist(dl, sections=("training", "validation"), deep=True)
+        if job is not None and settings is not None:
+            problems += job_data_problems(job, settings, dl)
+        notes.update(job_data_notes(dl))
+    for n in sorted(notes):
+        print(f"note: {n}")
+    if problems:
+        raise CLIError("the data does not fit the job:\n  " + "\n  ".join(problems))
     print(f"site data checked ({n_sites} sites) in {time.perf_counter() - t0:.1f}s")
 
 
+def _num_classes_from_data(template: str | None, job: str, overrides: dict[str, Any]) -> None:
+    """Fine-tuning jobs take ``model.num_classes`` from the datalist unless the user set it (printed)."""
+    from fl_plugins.data import load_datalist
+    from fl_plugins.flare.job_builder import JOBS
+
+    spec = JOBS.get(job)
+    if template is None or spec is None or "model" not in spec.defaults:
+        return
+    if "num_classes" in overrides.get("model", {}):
+        return
+    dl_path = Path(template.replace("{site}", "site-1"))
+    if not dl_path.is_file():
+        return
+    dl = load_datalist(dl_path)
+    default = spec.defaults["model"]["num_classes"]
+    task = spec.defaults.get("trainer", {}).get("task")
+    if dl["task"] == task and int(dl["num_classes"]) != default:
+        overrides.setdefault("model", {})["num_classes"] = int(dl["num_classes"])
+        print(f"model.num_classes={dl['num_classes']} from {dl_path} (the job's default is {default}; "
+              "--set model.num_classes=... to override)")
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from fl_plugins.flare.job_builder import JOBS, build_job
+    from fl_plugins.flare.job_builder import JOBS, build_job, job_settings
 
     ws = Path(a.workspace).resolve()
     overrides = parse_set(a.set)
@@ -198,7 +249,14 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if a.labelled is not None:
         overrides["num_labelled_patients"] = a.labelled
     template = _datalist_template(a.data)
-    _preflight_sites(template, a.sites)
+    settings = None
+    if a.job in JOBS:
+        _num_classes_from_data(template, a.job, overrides)
+        try:
+            settings = job_settings(a.job, overrides)
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"job {a.job!r}: {e}") from e
+    _preflight_sites(template, a.sites, a.job if a.job in JOBS else None, settings)
     if a.job in JOBS:
         jobs_dir = ws.parent / (ws.name + "_job")
         if jobs_dir.exists():
@@ -375,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-data", help="validate site datalists and their files (NIfTI readable, labels, shapes)")
     s.add_argument("datalist", help="a datalist.json or a folder of <site>/datalist.json")
+    s.add_argument("--job", help="also check that the data fits this ready job (task, class count, 2D/3D)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="job setting for --job, e.g. model.num_classes=4 (repeatable)")
     s.set_defaults(fn=cmd_check_data)
 
     s = sub.add_parser("jobs", help="list the ready jobs")

@@ -8,6 +8,7 @@ from fl_plugins.data.build import build_dataset, build_split_datasets
 from fl_plugins.data.datalist import labelled_entries, load_datalist, validate_datalist, write_datalist
 from fl_plugins.data.decathlon import SliceDataset, VolumeDataset, slices_by_volume
 from fl_plugins.data.errors import DataError
+from fl_plugins.data.geometry import DataGeometry, data_geometry
 from fl_plugins.data.medmnist import MedMNISTDataset
 from fl_plugins.data.partition import position_partition
 from fl_plugins.data.presets import PRESETS, get_preset
@@ -16,6 +17,8 @@ from fl_plugins.data.split import split_decathlon, split_medmnist
 from fl_plugins.data.synthetic import generate_synthetic_multitask, generate_synthetic_segmentation
 
 __all__ = [
+    "DataGeometry",
+    "data_geometry",
     "DataError",
     "PRESETS",
     "get_preset",

@@ -60,7 +60,7 @@ class FinetuneHandler(MethodHandler):
         num_labelled_patients: int | None = None,
         total_rounds: int = 1,
     ) -> None:
-        from fl_plugins.data import build_split_datasets, load_datalist, validate_datalist
+        from fl_plugins.data import build_split_datasets, data_geometry, load_datalist, validate_datalist
         from fl_plugins.engine.finetune import FinetuneConfig, FinetuneTrainer
 
         self.site = site
@@ -86,6 +86,10 @@ class FinetuneHandler(MethodHandler):
                 f"num_classes={dl['num_classes']}"
             )
         validate_datalist(dl, sections=("training", "validation"), deep=True)
+        geo = data_geometry(dl)
+        if geo.spatial_dims != 2:
+            raise ValueError(f"datalist {site.datalist_path} holds 3D images ({geo.source}); the fine-tuning models "
+                             "are 2D (3D data is not supported by the ready jobs yet)")
         train_entries = select_labelled(dl["training"], num_labelled_patients)
         if not train_entries:
             raise ValueError(f"datalist {site.datalist_path} has no labelled training entries")

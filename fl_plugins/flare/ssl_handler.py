@@ -175,6 +175,12 @@ class DinoHandler(SSLHandler):
     def __init__(self, site: SiteContext, dino: dict[str, Any], steps_per_round: int = 10, total_rounds: int = 1,
                  knn_every: int = 1, knn_max_items: int = 512, num_workers: int = 0,
                  views: dict[str, Any] | None = None) -> None:
+        from fl_plugins.data import data_geometry, load_datalist
+
+        geo = data_geometry(load_datalist(site.datalist_path))
+        if geo.spatial_dims != 2:
+            raise ValueError(f"datalist {site.datalist_path} holds 3D images ({geo.source}); DINO trains a 2D timm "
+                             "ViT (3D data is not supported yet)")
         dino = {"total_steps": None, **dino}
         super().__init__(site, "dino", dino, steps_per_round=steps_per_round, total_rounds=total_rounds,
                          knn_every=knn_every, knn_max_items=knn_max_items, num_workers=num_workers, views=views)

@@ -1,0 +1,87 @@
+"""Data that does not fit a ready job is caught before FLARE starts (check-data --job, the simulate pre-flight)
+and when a site starts, with the file, the setting and what to do; notes say what the data layer does to RGB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_plugins.cli import _num_classes_from_data
+from fl_plugins.cli import main as flssl
+from fl_plugins.data import data_geometry, load_datalist
+from fl_plugins.flare.data_check import job_data_notes, job_data_problems
+from fl_plugins.flare.job_builder import job_settings
+
+
+def _medmnist_site(root: Path, images: np.ndarray, num_classes: int = 2) -> Path:
+    """A one-site MedMNIST-format datalist over a small hand-made ``.npz``."""
+    root.mkdir(parents=True)
+    n = images.shape[0]
+    labels = (np.arange(n) % num_classes).reshape(-1, 1)
+    np.savez(root / "data.npz", **{f"{s}_images": images for s in ("train", "val", "test")},
+             **{f"{s}_labels": labels for s in ("train", "val", "test")})
+    entries = lambda split: [{"npz": "data.npz", "split": split, "index": i, "label": int(labels[i, 0])}  # noqa: E731
+                             for i in range(n)]
+    dl = {"format": "medmnist", "task": "classification", "num_classes": num_classes, "modality_preset": "unit",
+          "training": entries("train"), "validation": entries("val"), "test": entries("test")}
+    (root / "datalist.json").write_text(json.dumps(dl))
+    return root / "datalist.json"
+
+
+@pytest.mark.parametrize("shape,dims,channels", [((6, 28, 28), 2, 1), ((6, 28, 28, 3), 2, 3), ((6, 8, 28, 28), 3, 1)])
+def test_geometry_read_from_the_file_header(tmp_path, shape, dims, channels):
+    dl = load_datalist(_medmnist_site(tmp_path / "s", np.zeros(shape, np.uint8)))
+    geo = data_geometry(dl)
+    assert (geo.spatial_dims, geo.file_channels) == (dims, channels)
+
+
+def test_3d_data_for_a_2d_job_is_named(tmp_path):
+    dl = load_datalist(_medmnist_site(tmp_path / "s", np.zeros((6, 8, 28, 28), np.uint8)))
+    (p,) = job_data_problems("finetune_cls", job_settings("finetune_cls"), dl)
+    assert "holds 3D images" in p and "data.npz" in p and "'finetune_cls' trains 2D models" in p
+    assert "holds 3D images" in job_data_problems("dino_pretrain", job_settings("dino_pretrain"), dl)[0]
+
+
+def test_task_and_class_count_mismatches_name_the_setting(synth_seg_data, synth_cls_data):
+    seg = load_datalist(synth_seg_data / "site-1" / "datalist.json")
+    (p,) = job_data_problems("finetune_cls", job_settings("finetune_cls"), seg)
+    assert "is for task 'segmentation' but job 'finetune_cls' fine-tunes for 'classification'" in p
+    assert "use job finetune_seg_unet or finetune_seg_vit" in p
+    (p,) = job_data_problems("finetune_seg_unet", job_settings("finetune_seg_unet", {"model": {"num_classes": 4}}), seg)
+    assert "declares num_classes=3 but the job has model.num_classes=4: --set model.num_classes=3" in p
+    cls = load_datalist(synth_cls_data / "site-1" / "datalist.json")
+    assert job_data_problems("finetune_cls", job_settings("finetune_cls"), cls) == []
+
+
+def test_rgb_note(tmp_path):
+    dl = load_datalist(_medmnist_site(tmp_path / "s", np.zeros((6, 28, 28, 3), np.uint8)))
+    (note,) = job_data_notes(dl)
+    assert "RGB images are converted to one grey channel" in note
+
+
+def test_check_data_with_job_and_simulate_preflight_refuse_before_flare(synth_seg_data, tmp_path, capsys):
+    assert flssl(["check-data", str(synth_seg_data), "--job", "finetune_seg_unet"]) == 0
+    assert flssl(["check-data", str(synth_seg_data), "--job", "finetune_cls"]) == 2
+    assert "the data does not fit job 'finetune_cls'" in capsys.readouterr().err
+    rc = flssl(["simulate", "--job", "finetune_cls", "--data", str(synth_seg_data), "-w", str(tmp_path / "ws"),
+                "--sites", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the data does not fit the job" in err and "fine-tunes for 'classification'" in err
+    assert not (tmp_path / "ws").exists()  # FLARE never started
+
+
+def test_num_classes_taken_from_the_datalist_unless_set(tmp_path, capsys):
+    from fl_plugins.data import generate_synthetic_segmentation
+
+    generate_synthetic_segmentation(tmp_path / "d", num_sites=1, volumes_per_site=3, num_slices=4, size=32,
+                                    num_classes=4, seed=0)
+    template = str(tmp_path / "d" / "{site}" / "datalist.json")
+    overrides: dict = {}
+    _num_classes_from_data(template, "finetune_seg_unet", overrides)
+    assert overrides == {"model": {"num_classes": 4}} and "model.num_classes=4 from" in capsys.readouterr().out
+    user = {"model": {"num_classes": 5}}
+    _num_classes_from_data(template, "finetune_seg_unet", user)
+    assert user == {"model": {"num_classes": 5}}  # the user's setting wins (and the pre-flight then names it)
