@@ -257,6 +257,14 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             raise CLIError(f"job {a.job!r}: {e}") from e
     _preflight_sites(template, a.sites, a.job if a.job in JOBS else None, settings)
+    if a.pretrained and settings is not None and "model" in settings:
+        from fl_plugins.models.factory import build_model
+        from fl_plugins.models.pretrained_report import pretrained_report
+
+        try:  # load it here once: a file that does not fit is named before FLARE starts, and the user sees what loads
+            print(pretrained_report(build_model(settings["model"]), settings["model"]["pretrained"]))
+        except ValueError as e:
+            raise CLIError(f"--pretrained: {e}") from e
     if a.job in JOBS:
         jobs_dir = ws.parent / (ws.name + "_job")
         if jobs_dir.exists():

@@ -9,6 +9,7 @@ same :class:`BackboneSpec`, and timm itself can load it::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 __all__ = ["BackboneSpec", "create_backbone", "load_backbone_state", "BackboneCheckpointError"]
+
+logger = logging.getLogger(__name__)
 
 
 class BackboneCheckpointError(ValueError):
@@ -120,3 +123,5 @@ def load_backbone_state(backbone: nn.Module, path: str | Path) -> None:
             f"pretrained backbone checkpoint {str(path)!r} does not fit the backbone: " + "; ".join(parts)
         )
     backbone.load_state_dict(obj, strict=True)
+    n = sum(int(v.numel()) for v in obj.values())
+    logger.info("pretrained backbone %s: loaded all %d tensors (%d values) into the backbone", path, len(obj), n)

@@ -85,3 +85,28 @@ def test_num_classes_taken_from_the_datalist_unless_set(tmp_path, capsys):
     user = {"model": {"num_classes": 5}}
     _num_classes_from_data(template, "finetune_seg_unet", user)
     assert user == {"model": {"num_classes": 5}}  # the user's setting wins (and the pre-flight then names it)
+
+
+def test_pretrained_backbone_report_and_a_file_that_does_not_fit(synth_seg_data, tmp_path, capsys, caplog):
+    import torch
+
+    from fl_plugins.models.backbone import BackboneSpec, create_backbone
+    from fl_plugins.models.factory import build_model
+    from fl_plugins.models.pretrained_report import pretrained_report
+
+    vit = {"name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "in_chans": 1, "depth": 6}
+    good = tmp_path / "good.pt"
+    torch.save(create_backbone(BackboneSpec.from_dict(vit)).state_dict(), good)
+    with caplog.at_level("INFO"):
+        model = build_model({"arch": "vit_seg", "num_classes": 3, "backbone": vit, "pretrained": str(good)})
+    assert "loaded all" in caplog.text and str(good) in caplog.text
+    report = pretrained_report(model, str(good))
+    assert "backbone" in report and "loaded from the file" in report
+    assert "decoder" in report and "randomly initialised (trained from scratch)" in report
+    bad = tmp_path / "bad.pt"
+    torch.save(create_backbone(BackboneSpec.from_dict(dict(vit, depth=2))).state_dict(), bad)
+    rc = flssl(["simulate", "--job", "finetune_seg_vit", "--data", str(synth_seg_data), "-w", str(tmp_path / "ws"),
+                "--sites", "2", "--pretrained", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--pretrained" in err and str(bad) in err and "does not fit the backbone" in err
+    assert not (tmp_path / "ws").exists()  # refused before FLARE started
