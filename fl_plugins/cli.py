@@ -49,10 +49,15 @@ def cmd_split(a: argparse.Namespace) -> int:
     src = Path(a.dataset)
     if src.suffix == ".npz":
         paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled)
-    else:
+    elif src.suffix == ".json" or src.is_dir():
         paths = split_decathlon(
-            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset
+            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset,
+            **{k: v for k, v in (("val_fraction", a.val_fraction), ("test_fraction", a.test_fraction)) if v is not None},
         )
+    else:
+        raise CLIError(f"--dataset {str(src)!r}: flssl split reads a Decathlon dataset.json or a MedMNIST .npz; "
+                       f"{src.suffix or 'this'} files (e.g. an image folder with a CSV of labels) are not supported "
+                       "yet: write a Decathlon dataset.json listing the images (docs/contracts.md)")
     print(f"wrote {len(paths)} site datalists:")
     for p in paths:
         print(f"  {p}")
@@ -60,6 +65,17 @@ def cmd_split(a: argparse.Namespace) -> int:
     if summary.exists():
         print(summary.read_text())
     return 0
+
+
+def _refuse_dataset_description(p: Path) -> None:
+    """A Decathlon ``dataset.json`` (a dataset description) given where a site datalist belongs: say what to run."""
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # load_datalist names the problem
+    if isinstance(obj, dict) and "format" not in obj and "training" in obj and ("labels" in obj or "modality" in obj):
+        raise CLIError(f"{str(p)!r} is a dataset description (Decathlon dataset.json), not a site datalist: run "
+                       f"'flssl split --dataset {p} --out <dir> --sites N' first, then check-data <dir>")
 
 
 def cmd_check_data(a: argparse.Namespace) -> int:
@@ -76,6 +92,7 @@ def cmd_check_data(a: argparse.Namespace) -> int:
             raise CLIError(str(e)) from e
     problems: list[str] = []
     for p in _datalists(a.datalist):
+        _refuse_dataset_description(p)
         dl = load_datalist(p)
         validate_datalist(dl, sections=("training", "validation", "test"), deep=True)
         if settings is not None:
@@ -437,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labelled", type=int, default=None, help="labelled patients per site kept for fine-tuning")
     s.add_argument("--preset", default="mr", help="modality preset written to the datalists (mr, ct, unit)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=None,
+                   help="Decathlon: share of each site's training patients carved as validation when the dataset "
+                        "has no validation section (0 = none; default 0.1)")
+    s.add_argument("--test-fraction", type=float, default=None,
+                   help="Decathlon: the same for the test section (0 = none; default 0.2)")
     s.set_defaults(fn=cmd_split)
 
     s = sub.add_parser("check-data", help="validate site datalists and their files (NIfTI readable, labels, shapes)")

@@ -196,7 +196,8 @@ def split_decathlon(
         if n - carve["validation"] - carve["test"] < 1:
             raise DataError(f"{site_name(si)} gets only {n} patients/cases of {str(src)!r}: too few for "
                             f"{carve['validation']} validation + {carve['test']} test + 1 training; use fewer sites "
-                            f"(num_sites={num_sites}) or smaller val_fraction/test_fraction")
+                            f"(--sites, now {num_sites}) or smaller --val-fraction/--test-fraction (now "
+                            f"{val_fraction}/{test_fraction}; 0 carves none)")
         order = [train[j] for j in rng.permutation(n)]
         for s in ("validation", "test"):
             k = carve[s]

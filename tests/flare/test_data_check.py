@@ -110,3 +110,30 @@ def test_pretrained_backbone_report_and_a_file_that_does_not_fit(synth_seg_data,
     err = capsys.readouterr().err
     assert rc == 2 and "--pretrained" in err and str(bad) in err and "does not fit the backbone" in err
     assert not (tmp_path / "ws").exists()  # refused before FLARE started
+
+
+def test_messages_for_what_hospitals_have(tmp_path, capsys):
+    """A CSV given to split, a Decathlon dataset.json given to check-data, a dataset too small for its sites: each
+    message names the file and what to do (options that exist)."""
+    import nibabel as nib
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,label\na.png,0\n")
+    assert flssl(["split", "--dataset", str(csv), "--out", str(tmp_path / "o"), "--sites", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(csv) in err and "reads a Decathlon dataset.json or a MedMNIST .npz" in err and "not valid JSON" not in err
+    (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "ds" / "labelsTr").mkdir()
+    for d in ("imagesTr", "labelsTr"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), tmp_path / "ds" / d / "c1.nii.gz")
+    ds = tmp_path / "ds" / "dataset.json"
+    ds.write_text(json.dumps({"labels": {"0": "bg", "1": "fg"}, "modality": {"0": "MRI"},
+                              "training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"}]}))
+    assert flssl(["check-data", str(ds)]) == 2
+    err = capsys.readouterr().err
+    assert "is a dataset description (Decathlon dataset.json), not a site datalist: run 'flssl split" in err
+    assert flssl(["split", "--dataset", str(ds), "--out", str(tmp_path / "o"), "--sites", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "use fewer sites (--sites, now 1) or smaller --val-fraction/--test-fraction" in err
+    assert flssl(["split", "--dataset", str(ds), "--out", str(tmp_path / "o"), "--sites", "1", "--val-fraction", "0",
+                  "--test-fraction", "0"]) == 0  # a one-case dataset goes to one site, all training
