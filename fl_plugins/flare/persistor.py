@@ -1,9 +1,10 @@
-"""Server-side global model persistence for models described by a config dict.
+"""Server-side global model persistence for models described by a config dict or a registered method.
 
-``PTFileModelPersistor`` (nvflare) already writes ``FL_global_model.pt`` (last) and ``best_FL_global_model.pt``
-(when ``IntimeModelSelector`` reports a new best validation metric) atomically (temp file + ``os.replace``).
-This subclass only builds the initial model from :func:`fl_plugins.models.factory.build_model` so that jobs are
-plain JSON naming an installed class (no custom code in the job).
+``PTFileModelPersistor`` (nvflare) writes ``FL_global_model.pt`` (the last global model) atomically (temp file +
+``os.replace``); the best model is chosen and written by the controller
+(:class:`fl_plugins.flare.controllers.BestModelSelection`). This subclass only builds the initial model, seeded,
+from :func:`fl_plugins.models.factory.build_model` or :func:`fl_plugins.methods.build`, so that jobs are plain
+JSON naming an installed class (no custom code in the job).
 """
 
 from __future__ import annotations
