@@ -337,6 +337,14 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
 
     # ------------------------------------------------------------------------------------------------ workflow
 
+    def set_communicator(self, communicator: Any) -> None:
+        """nvflare 2.9's ``Controller.set_communicator`` sets ``communicator.task_check_period``, but the server's
+        task monitor sleeps ``communicator._task_check_period`` (default 0.2 s), so the job's ``task_check_period``
+        never took effect: a finished round was noticed 0.08-0.1 s late (benchmarks/fl_overhead.py --breakdown)."""
+        super().set_communicator(communicator)
+        if hasattr(communicator, "_task_check_period"):
+            communicator._task_check_period = self._task_check_period
+
     def save_model(self, model: FLModel) -> None:
         self._last_model = model
         super().save_model(model)

@@ -18,12 +18,12 @@ from pathlib import Path
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from fl_plugins.atomic_io import atomic_write_json
+from fl_plugins.flare.site_setup import CLASS_ALLOW_PREFIXES
 
 __all__ = ["SIM_CLASS_ALLOW_PREFIXES", "write_sim_local"]
 
-#: our package, plus nvflare's quantization filters (used by jobs built with ``fl.quantization``), which are not in
-#: nvflare's default list
-SIM_CLASS_ALLOW_PREFIXES = ["fl_plugins.", "nvflare.app_opt.pt.quantization."]
+#: the same list as a site's set-up: our package plus the nvflare classes jobs can emit beyond nvflare's default list
+SIM_CLASS_ALLOW_PREFIXES = CLASS_ALLOW_PREFIXES
 
 
 def write_sim_local(workspace: str | Path, datalist_template: str | None = None) -> Path:

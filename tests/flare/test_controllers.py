@@ -306,3 +306,12 @@ def test_best_model_selection_off_and_bad_key_metric(tmp_path):
     assert not (tmp_path / "best_FL_global_model.pt").exists()
     with pytest.raises(ValueError, match="key_metric must be a metric name or None, got ''"):
         _Best(tmp_path, key_metric="")
+
+
+def test_the_jobs_task_check_period_reaches_the_servers_task_monitor():
+    """nvflare 2.9 writes it to an attribute the monitor does not read; the controller writes the one it does."""
+    ctrl = FedAvgWithFinalValidation(num_rounds=1, num_clients=1, task_check_period=0.05)
+    comm = WFCommServer()
+    assert comm._task_check_period == 0.2  # nvflare's default, which the job's setting never replaced before
+    ctrl.set_communicator(comm)
+    assert comm._task_check_period == 0.05

@@ -10,6 +10,7 @@ from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from fl_plugins.flare.job_builder import JOBS, build_job, export_jobs, job_names, job_settings
 from fl_plugins.flare.sim_workspace import write_sim_local
+from fl_plugins.flare.site_setup import site_class_allow_list
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,7 +152,8 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
     write_sim_local(tmp_path, "/data/{site}/datalist.json")  # idempotent
     res = json.loads((tmp_path / "local" / "resources.json").read_text())
     assert res["keep_me"] == 1
-    assert res["class_allow_list"] == list(DEFAULT_CLASS_ALLOW_LIST) + ["fl_plugins.", "nvflare.app_opt.pt.quantization."]
+    # the same declared list a site's set-up writes (fl_plugins. + the nvflare classes jobs can emit)
+    assert res["class_allow_list"] == site_class_allow_list()
     site = json.loads((tmp_path / "local" / "fl_plugins_site.json").read_text())
     assert site == {"datalist": "/data/{site}/datalist.json"}
 
