@@ -60,6 +60,6 @@ def evaluate_sites(
             metric = "accuracy"
             vals = [float(x) for x in r["per_sample"]]
             per_item[site] = r["per_sample"]
-            sites[site] = _stats(vals)
+            sites[site] = {**_stats(vals), "balanced_accuracy": r["balanced_accuracy"], "auc": r["auc"]}
         everything += vals
     return {"metric": metric, "split": split, "sites": sites, "overall": _stats(everything), "per_item": per_item}

@@ -330,8 +330,8 @@ def evaluate_model(
 
     Returns:
         segmentation: :meth:`SegmentationMetric.compute` (``dice``, ``dice_per_class``, ``per_volume``,
-        ``num_volumes``); classification: :meth:`ClassificationMetric.compute` (``accuracy``, ``num_samples``,
-        ``per_sample``).
+        ``num_volumes``); classification: :meth:`ClassificationMetric.compute` (``accuracy``,
+        ``balanced_accuracy``, ``auc``, ``num_samples``, ``per_sample``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
@@ -345,12 +345,12 @@ def evaluate_model(
             if "label" not in batch:
                 raise ValueError("evaluation items need a 'label'")
             x = batch["image"].to(device)
-            pred = model(x).argmax(dim=1).cpu()
+            logits = model(x).cpu()
             if task == "segmentation":
                 y = _seg_labels(batch["label"], batch["image"])
-                metric.update(pred, y, batch.get("volume_id"), batch.get("slice_index"))
+                metric.update(logits.argmax(dim=1), y, batch.get("volume_id"), batch.get("slice_index"))
             else:
-                metric.update(pred, batch["label"].reshape(-1))
+                metric.update(logits, batch["label"].reshape(-1))  # logits: balanced accuracy and AUC too
     finally:
         model.train(was_training)
     return metric.compute()
@@ -628,7 +628,8 @@ class FinetuneTrainer:
 
         Returns:
             segmentation ``{"dice": float, "dice_per_class": [K-1 floats]}``, classification
-            ``{"accuracy": float}``; ``{}`` (with a warning) when there is nothing to evaluate.
+            ``{"accuracy", "balanced_accuracy", "auc"}`` (floats; AUC NaN with one class present); ``{}`` (with a
+            warning) when there is nothing to evaluate.
         """
         ds = self.val_dataset if dataset is None else dataset
         if ds is None or len(ds) == 0:  # type: ignore[arg-type]
@@ -642,7 +643,8 @@ class FinetuneTrainer:
             logger.info("evaluated %d volumes: dice %.4f %s (%.1f s)", res["num_volumes"], res["dice"],
                         [round(d, 4) for d in res["dice_per_class"]], time.perf_counter() - t0)
         else:
-            out = {"accuracy": res["accuracy"]}
-            logger.info("evaluated %d samples: accuracy %.4f (%.1f s)", res["num_samples"], res["accuracy"],
+            out = {k: res[k] for k in ("accuracy", "balanced_accuracy", "auc")}
+            logger.info("evaluated %d samples: accuracy %.4f, balanced accuracy %.4f, macro AUC %.4f (%.1f s)",
+                        res["num_samples"], res["accuracy"], res["balanced_accuracy"], res["auc"],
                         time.perf_counter() - t0)
         return out

@@ -159,14 +159,24 @@ class SegmentationMetric:
 
 
 class ClassificationMetric:
-    """Accumulates predictions and computes top-1 accuracy."""
+    """Accumulates predictions; computes accuracy, balanced accuracy and macro one-vs-rest AUC.
+
+    Balanced accuracy = the mean over classes present in the targets of each class's recall (so predicting the
+    majority class everywhere scores ``1 / K_present``, whatever the imbalance). Macro AUC = the mean over classes
+    with both positives and negatives of the one-vs-rest ROC AUC of the class probability (Mann-Whitney U with
+    ties counted half); it needs logits (``update`` with ``[B, K]``), else NaN.
+    """
 
     def __init__(self) -> None:
-        self._correct: list[torch.Tensor] = []
+        self._pred: list[torch.Tensor] = []
+        self._target: list[torch.Tensor] = []
+        self._prob: list[torch.Tensor] = []
 
     def reset(self) -> None:
         """Forget every accumulated prediction."""
-        self._correct.clear()
+        self._pred.clear()
+        self._target.clear()
+        self._prob.clear()
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch.
@@ -175,17 +185,44 @@ class ClassificationMetric:
             pred: logits ``[B, K]`` or predicted labels ``[B]``.
             target: labels ``[B]``.
         """
+        target = target.reshape(-1).long().cpu()
         if pred.ndim == 2:
+            self._prob.append(torch.softmax(pred.detach().float().cpu(), dim=1))
             pred = pred.argmax(dim=1)
-        if pred.shape != target.reshape(-1).shape:
+        if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(target.shape)}")
-        self._correct.append((pred.long().cpu() == target.reshape(-1).long().cpu()).to(torch.uint8))
+        self._pred.append(pred.long().cpu())
+        self._target.append(target)
 
     def compute(self) -> dict:
-        """Returns ``{"accuracy": float (NaN if empty), "num_samples": int, "per_sample": [0/1 ...]}``."""
-        c = torch.cat(self._correct) if self._correct else torch.zeros(0, dtype=torch.uint8)
+        """Returns ``{"accuracy", "balanced_accuracy", "auc" (NaN when not computable), "num_samples",
+        "per_sample": [0/1 ...]}``; every score is NaN when nothing was accumulated."""
+        nan = float("nan")
+        if not self._pred:
+            return {"accuracy": nan, "balanced_accuracy": nan, "auc": nan, "num_samples": 0, "per_sample": []}
+        pred, target = torch.cat(self._pred), torch.cat(self._target)
+        correct = (pred == target).to(torch.uint8)
+        recalls = [float(correct[target == k].float().mean()) for k in target.unique().tolist()]
+        auc = nan
+        if self._prob and sum(p.shape[0] for p in self._prob) == target.numel():
+            prob = torch.cat(self._prob)
+            aucs = [a for k in range(prob.shape[1]) if (a := _ovr_auc(prob[:, k], target == k)) == a]  # drop NaN
+            auc = sum(aucs) / len(aucs) if aucs else nan
         return {
-            "accuracy": float(c.float().mean()) if c.numel() else float("nan"),
-            "num_samples": int(c.numel()),
-            "per_sample": c.tolist(),
+            "accuracy": float(correct.float().mean()),
+            "balanced_accuracy": sum(recalls) / len(recalls),
+            "auc": auc,
+            "num_samples": int(correct.numel()),
+            "per_sample": correct.tolist(),
         }
+
+
+def _ovr_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC AUC of ``score`` for the boolean ``positive`` labels (Mann-Whitney U / (n_pos n_neg), ties half); NaN
+    when one of the two groups is empty."""
+    pos, neg = score[positive], score[~positive]
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (pos.numel() * neg.numel()))

@@ -204,7 +204,7 @@ def test_vit_classification_train_and_evaluate() -> None:
     out = tr.train_steps(3, global_step=0)
     assert out["num_samples"] == 12 and math.isfinite(out["loss"])
     res = tr.evaluate()
-    assert set(res) == {"accuracy"} and 0.0 <= res["accuracy"] <= 1.0
+    assert set(res) == {"accuracy", "balanced_accuracy", "auc"} and 0.0 <= res["accuracy"] <= 1.0
 
 
 def test_vit_segmentation_smoke() -> None:

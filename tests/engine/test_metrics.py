@@ -89,3 +89,37 @@ def test_accuracy() -> None:
     m.update(logits[2:].argmax(1), target[2:])
     r = m.compute()
     assert r["accuracy"] == 0.75 and r["num_samples"] == 4 and r["per_sample"] == [1, 1, 0, 1]
+
+
+def test_balanced_accuracy_and_macro_auc_by_hand():
+    from fl_plugins.engine.metrics import ClassificationMetric
+
+    # 6 samples, classes 0 (x4) and 1 (x2); logits give p(class 1) = sigmoid(l1 - l0)
+    target = torch.tensor([0, 0, 0, 0, 1, 1])
+    p1 = torch.tensor([0.1, 0.2, 0.6, 0.3, 0.7, 0.4])  # predicted 1 for samples 2 and 4
+    logits = torch.stack([torch.zeros(6), torch.log(p1 / (1 - p1))], dim=1)
+    m = ClassificationMetric()
+    m.update(logits[:3], target[:3])
+    m.update(logits[3:], target[3:])
+    r = m.compute()
+    assert r["accuracy"] == pytest.approx(4 / 6)  # samples 0, 1, 3 and 4 right
+    assert r["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)  # recall class 0 = 3/4, class 1 = 1/2
+    # AUC of class 1: pairs (pos, neg) with pos > neg: 0.7 beats all 4; 0.4 beats 0.1, 0.2, 0.3 -> 7 of 8;
+    # class 0 scores are 1 - p1, the same ranking reversed -> 7/8 too; macro = 7/8
+    assert r["auc"] == pytest.approx(7 / 8)
+    assert r["num_samples"] == 6 and r["per_sample"] == [1, 1, 0, 1, 1, 0]
+
+
+def test_majority_prediction_scores_one_over_k_and_auc_needs_both_groups():
+    from fl_plugins.engine.metrics import ClassificationMetric
+
+    m = ClassificationMetric()
+    m.update(torch.zeros(10, dtype=torch.long), torch.tensor([0] * 8 + [1] * 2))  # labels only: no AUC
+    r = m.compute()
+    assert r["accuracy"] == pytest.approx(0.8) and r["balanced_accuracy"] == pytest.approx(0.5)
+    assert math.isnan(r["auc"])
+    m = ClassificationMetric()
+    m.update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))  # one class present: AUC undefined
+    assert math.isnan(m.compute()["auc"])
+    empty = ClassificationMetric().compute()
+    assert empty["num_samples"] == 0 and math.isnan(empty["balanced_accuracy"])

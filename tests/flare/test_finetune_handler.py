@@ -170,5 +170,5 @@ def test_classification_handler(synth_cls_data, tmp_path):
                         {"task": "classification", "lr": 1e-3, "batch_size": 8, "steps_per_round": 2},
                         image_size=32)
     out = h.train(_global(cfg))
-    assert set(out.metrics) == {"val_accuracy"}
+    assert set(out.metrics) == {"val_accuracy", "val_balanced_accuracy", "val_auc"}
     assert set(out.params) == set(_global(cfg).params)
