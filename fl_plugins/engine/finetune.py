@@ -50,6 +50,7 @@ from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.models.factory import TASK_OF_ARCH, build_model
 
 __all__ = [
+    "balanced_class_weights",
     "FinetuneConfig",
     "FinetuneMethod",
     "FinetuneTrainer",
@@ -61,6 +62,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Class weightings of the classification loss (FinetuneConfig.class_weighting).
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 #: Supported tasks.
 TASKS = ("segmentation", "classification")
@@ -157,6 +161,9 @@ class FinetuneConfig:
             positional_cl's random rotation [V]; lossless on the pixel grid).
         grad_clip: max global gradient L2 norm, None = no clipping (positional_cl does not clip [V]; DINO uses 3.0).
         ignore_empty: MONAI Dice ``ignore_empty`` semantics for evaluation (see :mod:`fl_plugins.engine.metrics`).
+        class_weighting: classification only: ``"none"`` or ``"balanced"`` (cross-entropy weight of class k =
+            n / (K n_k) over the site's labelled training items, K = classes present: scikit-learn's "balanced"
+            rule, so a rare class counts as much as a common one).
         device: torch device, "cpu" [R: the project's CI machines have no GPU].
     """
 
@@ -177,6 +184,7 @@ class FinetuneConfig:
     grad_clip: float | None = None
     ignore_empty: bool = True
     device: str = "cpu"
+    class_weighting: str = "none"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -191,6 +199,10 @@ class FinetuneConfig:
             raise bad("task", f"model arch {self.model['arch']!r} is a {arch_task} model")
         if not self.lr > 0:
             raise bad("lr", "must be > 0")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise bad("class_weighting", f"must be one of {list(CLASS_WEIGHTINGS)}")
+        if self.class_weighting != "none" and self.task != "classification":
+            raise bad("class_weighting", "applies to classification only")
         if not 0 <= self.min_lr_ratio <= 1:
             raise bad("min_lr_ratio", "must be in [0, 1]")
         if self.warmup_steps < 0:
@@ -413,6 +425,31 @@ def evaluate_checkpoint(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Cross-entropy weights ``n / (K n_k)`` with ``K`` the classes present (scikit-learn's ``compute_class_weight(
+    "balanced")``); a class absent from ``labels`` gets 0.
+
+    Raises:
+        ValueError: no label, or a label outside ``range(num_classes)``.
+    """
+    if not labels:
+        raise ValueError("class_weighting='balanced' needs labelled training items")
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
+    if counts.numel() > num_classes:
+        raise ValueError(f"labels outside range(num_classes={num_classes})")
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w.float()
+
+
+def _labels_of(dataset: Dataset) -> list[int]:
+    """Classification labels of a dataset: from its entries when it has them (MedMNIST), else by reading items."""
+    entries = getattr(dataset, "entries", None)
+    if entries is not None and all("label" in e for e in entries):
+        return [int(e["label"]) for e in entries]
+    return [int(dataset[i]["label"]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
 def _round_seed(seed: int, global_step: int) -> int:
     """Seed of the RNG streams of one ``train_steps`` call; distinct per (seed, global_step)."""
     return (int(seed) * 1_000_003 + int(global_step)) % (2**63)
@@ -517,6 +554,10 @@ class FinetuneTrainer:
         self.model = self.method.model
         self.loss_fn = self.method.loss_fn
         self.optimizer = build_optimizer(self.method, kind=config.optimizer, weight_decay=config.weight_decay)
+        if config.class_weighting == "balanced":
+            self.class_weights = balanced_class_weights(_labels_of(train_dataset), self.method.num_classes)
+            self.method.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights.to(self.device))
+            logger.info("class-balanced loss: weights %s", [round(float(w), 3) for w in self.class_weights])
         self._federated = self.method._federated
         self.total_local_steps = 0
 

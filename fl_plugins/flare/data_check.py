@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["job_data_problems", "job_data_notes"]
 
 _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "finetune_cls": "finetune",
-             "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d"}
+             "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d"}
 
 
 def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
@@ -23,9 +23,17 @@ def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) ->
     where = f"datalist {dl.get('datalist_path')!r}"
     problems: list[str] = []
     geo = data_geometry(dl)
-    if geo.spatial_dims == 3:
-        problems.append(f"{where} holds 3D images ({geo.source}); job {job!r} trains 2D models (timm ViT / 2D "
-                        "U-Net on slices): 3D data is not supported by the ready jobs yet")
+    model_dims = int(settings.get("model", {}).get("spatial_dims", 2))
+    if geo.spatial_dims != model_dims:
+        if model_dims == 2 and "spatial_dims" in settings.get("model", {}):
+            fix = "--set model.spatial_dims=3"
+        elif model_dims == 2:
+            fix = "use job finetune_cls_cnn with --set model.spatial_dims=3" if dl["task"] == "classification" \
+                else "3D data is not supported by this job"
+        else:
+            fix = "--set model.spatial_dims=2"
+        problems.append(f"{where} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} trains a "
+                        f"{model_dims}D model: {fix}")
     if kind == "finetune":
         task = settings["trainer"]["task"]
         if dl["task"] != task:

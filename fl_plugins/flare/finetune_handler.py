@@ -87,9 +87,10 @@ class FinetuneHandler(MethodHandler):
             )
         validate_datalist(dl, sections=("training", "validation"), deep=True)
         geo = data_geometry(dl)
-        if geo.spatial_dims != 2:
-            raise ValueError(f"datalist {site.datalist_path} holds 3D images ({geo.source}); the fine-tuning models "
-                             "are 2D (3D data is not supported by the ready jobs yet)")
+        model_dims = int(model.get("spatial_dims", 2))
+        if geo.spatial_dims != model_dims:
+            raise ValueError(f"datalist {site.datalist_path} holds {geo.spatial_dims}D images ({geo.source}) but the "
+                             f"model is {model_dims}D (model.spatial_dims={model_dims})")
         train_entries = select_labelled(dl["training"], num_labelled_patients)
         if not train_entries:
             raise ValueError(f"datalist {site.datalist_path} has no labelled training entries")

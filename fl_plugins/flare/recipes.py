@@ -29,7 +29,7 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 from fl_plugins.flare.job_builder import build_job, job_names
 
 __all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
-           "FinetuneClsRecipe", "DinoRecipe", "Dinov2Recipe"]
+           "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe"]
 
 
 class JobRecipe(Recipe):
@@ -85,6 +85,12 @@ class FinetuneClsRecipe(JobRecipe):
     JOB = "finetune_cls"
 
 
+class FinetuneClsCnnRecipe(JobRecipe):
+    """Classification fine-tuning, MONAI ResNet-10 (the CNN baseline; 2D or 3D)."""
+
+    JOB = "finetune_cls_cnn"
+
+
 class DinoRecipe(JobRecipe):
     """Federated DINO pretraining of a timm ViT on unlabelled images."""
 
@@ -99,7 +105,8 @@ class Dinov2Recipe(JobRecipe):
 
 #: job name -> its Recipe class (every registered job has exactly one)
 RECIPES: dict[str, type[JobRecipe]] = {
-    cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, DinoRecipe, Dinov2Recipe)
+    cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
+                             DinoRecipe, Dinov2Recipe)
 }
 
 

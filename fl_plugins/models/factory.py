@@ -9,6 +9,8 @@ Config schema (``arch`` and ``num_classes`` always; other keys optional, default
      "pretrained": null, "feature_size": 16, "norm_name": "instance"}           # fl_plugins.models.vit_seg
     {"arch": "vit_classifier", "num_classes": 2, "backbone": {BackboneSpec fields},
      "pretrained": null, "head": "linear", "freeze_backbone": false}            # fl_plugins.models.classifier
+    {"arch": "cnn_classifier", "num_classes": 2, "spatial_dims": 2, "depth": 10,
+     "in_channels": 1, "widen_factor": 0.25}                                     # fl_plugins.models.cnn_classifier
 
 ``pretrained`` is the path of an exported backbone ``state_dict``. In a FedAvg job the server's initial global
 model overwrites the sites' weights in round 0, so the path must be readable where the server persistor builds the
@@ -24,6 +26,7 @@ from torch import nn
 
 from fl_plugins.models.backbone import BackboneSpec
 from fl_plugins.models.classifier import ViTClassifier
+from fl_plugins.models.cnn_classifier import build_cnn_classifier
 from fl_plugins.models.unet import build_unet
 from fl_plugins.models.vit_seg import ViTSegmenter
 
@@ -36,10 +39,12 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims"),
     "vit_seg": _COMMON + ("backbone", "pretrained", "feature_size", "norm_name"),
     "vit_classifier": _COMMON + ("backbone", "pretrained", "head", "freeze_backbone"),
+    "cnn_classifier": _COMMON + ("spatial_dims", "depth", "in_channels", "widen_factor"),
 }
 
 #: Task each architecture solves ("segmentation" or "classification").
-TASK_OF_ARCH: dict[str, str] = {"unet": "segmentation", "vit_seg": "segmentation", "vit_classifier": "classification"}
+TASK_OF_ARCH: dict[str, str] = {"unet": "segmentation", "vit_seg": "segmentation", "vit_classifier": "classification",
+                                 "cnn_classifier": "classification"}
 
 
 def _spec(cfg: Mapping[str, Any]) -> BackboneSpec:
@@ -79,7 +84,12 @@ def _build_vit_classifier(cfg: Mapping[str, Any]) -> nn.Module:
     )
 
 
+def _build_cnn_classifier(cfg: Mapping[str, Any]) -> nn.Module:
+    return build_cnn_classifier(num_classes=int(cfg["num_classes"]), **{k: v for k, v in cfg.items() if k not in _COMMON})
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "cnn_classifier": _build_cnn_classifier,
     "unet": _build_unet,
     "vit_seg": _build_vit_seg,
     "vit_classifier": _build_vit_classifier,

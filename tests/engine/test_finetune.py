@@ -256,3 +256,19 @@ def test_config_round_trip() -> None:
     assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(AttributeError):
         cfg.lr = 1.0  # type: ignore[misc]  # frozen
+
+
+def test_balanced_class_weights_by_hand_and_errors():
+    from fl_plugins.engine.finetune import FinetuneConfig, balanced_class_weights
+
+    w = balanced_class_weights([0, 0, 0, 1], 2)  # n=4, K=2: 4/(2*3), 4/(2*1)
+    assert torch.allclose(w, torch.tensor([2 / 3, 2.0]))
+    assert torch.allclose(balanced_class_weights([0, 0, 2], 3), torch.tensor([0.75, 0.0, 1.5]))  # absent class: 0
+    with pytest.raises(ValueError, match="needs labelled training items"):
+        balanced_class_weights([], 2)
+    with pytest.raises(ValueError, match="class_weighting"):
+        FinetuneConfig.from_dict({"task": "segmentation", "model": {"arch": "unet", "num_classes": 3},
+                                  "class_weighting": "balanced"})
+    with pytest.raises(ValueError, match="class_weighting"):
+        FinetuneConfig.from_dict({"task": "classification", "model": {"arch": "cnn_classifier", "num_classes": 2},
+                                  "class_weighting": "inverse"})

@@ -26,6 +26,7 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("finetune_seg_unet", "finetune_seg_unet", {"trainer": {"steps_per_round": 1}}, "seg"),
     ("finetune_seg_vit", "finetune_seg_vit", {"trainer": {"steps_per_round": 1}}, "seg"),
     ("finetune_cls", "finetune_cls", {"trainer": {"steps_per_round": 1}}, "cls"),
+    ("finetune_cls_cnn", "finetune_cls_cnn", {"trainer": {"steps_per_round": 1}}, "cls"),
     ("dino_pretrain", "dino_pretrain", {"steps_per_round": 1}, "seg"),
     ("dino_pretrain_mode_B", "dino_pretrain", {"steps_per_round": 1, "dino": {"federation_mode": "B"}}, "seg"),
     ("dino_pretrain_mode_C", "dino_pretrain", {"steps_per_round": 1, "dino": {"federation_mode": "C"}}, "seg"),

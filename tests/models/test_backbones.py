@@ -63,3 +63,23 @@ def test_encoder_rejects_input_of_the_other_dimensionality():
     enc = build_backbone({"kind": "unet_encoder", **UNET})
     with pytest.raises(ValueError, match=r"UNetEncoder\(spatial_dims=2\) takes \[B, C, H, W\] input, got shape"):
         enc(torch.randn(1, 1, 8, 16, 16))
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (3, 1, 28, 28)), (3, (2, 1, 16, 16, 16))])
+def test_cnn_classifier_2d_and_3d_every_parameter_gets_a_gradient(dims, shape):
+    torch.manual_seed(0)
+    m = build_model({"arch": "cnn_classifier", "num_classes": 3, "spatial_dims": dims})
+    out = m(torch.randn(*shape))
+    assert tuple(out.shape) == (shape[0], 3)
+    out.sum().backward()
+    assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"spatial_dims": 4}, "model setting 'spatial_dims' must be 2 or 3, got 4"),
+    ({"depth": 50}, r"model setting 'depth' must be one of \[10, 18\], got 50"),
+    ({"widen_factor": 0}, "model setting 'widen_factor' must be > 0, got 0"),
+])
+def test_cnn_classifier_bad_settings_named(extra, match):
+    with pytest.raises(ValueError, match=match):
+        build_model({"arch": "cnn_classifier", "num_classes": 2, **extra})
