@@ -48,7 +48,7 @@ def cmd_split(a: argparse.Namespace) -> int:
 
     src = Path(a.dataset)
     if src.suffix == ".npz":
-        paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled)
+        paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, rgb=a.rgb)
     elif src.suffix == ".json" or src.is_dir():
         paths = split_decathlon(
             src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset,
@@ -453,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sites", type=int, required=True)
     s.add_argument("--labelled", type=int, default=None, help="labelled patients per site kept for fine-tuning")
     s.add_argument("--preset", default="mr", help="modality preset written to the datalists (mr, ct, unit)")
+    s.add_argument("--rgb", action="store_true",
+                   help="MedMNIST: keep RGB images as 3 channels (default: converted to one grey channel)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=None,
                    help="Decathlon: share of each site's training patients carved as validation when the dataset "

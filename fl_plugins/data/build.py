@@ -24,8 +24,8 @@ def build_dataset(
 
     * ``decathlon`` + ``segmentation``: :class:`SliceDataset` (2D slices, ``dl["modality_preset"]``), items
       ``image [1, S, S]``, ``label [S, S]``;
-    * ``medmnist`` + ``classification``: :class:`MedMNISTDataset`, items ``image [1, H, W]`` / ``[1, D, H, W]``,
-      ``label`` scalar.
+    * ``medmnist`` + ``classification``: :class:`MedMNISTDataset`, items ``image [1, H, W]`` / ``[1, D, H, W]``
+      (``[3, H, W]`` when the datalist says ``"rgb": true``), ``label`` scalar.
 
     Args:
         dl: a datalist from :func:`load_datalist`.
@@ -42,7 +42,7 @@ def build_dataset(
         return SliceDataset(entries, preset=dl.get("modality_preset", "unit"), image_size=image_size or 64,
                             with_labels=with_labels, cache=cache)
     if fmt == "medmnist" and task == "classification":
-        return MedMNISTDataset(entries, with_labels=with_labels, image_size=image_size)
+        return MedMNISTDataset(entries, with_labels=with_labels, image_size=image_size, keep_rgb=bool(dl.get("rgb")))
     raise DataError(f"datalist {dl.get('datalist_path', '<datalist>')!r}: no dataset for format={fmt!r} with "
                     f"task={task!r} (supported: decathlon/segmentation, medmnist/classification)")
 

@@ -127,6 +127,9 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
         dl["modality_preset"] = preset
         dl["modality_preset_reason"] = reason
         logger.warning("datalist %s: no 'modality_preset'; using %r (%s)", name, preset, reason)
+    if "rgb" in dl and (not isinstance(dl["rgb"], bool) or (dl["rgb"] and dl["format"] != "medmnist")):
+        raise DataError(f"datalist {name!r}: field 'rgb' = {dl['rgb']!r}: must be true or false, and true only for "
+                        "format 'medmnist' (keeps RGB images as 3 channels)")
     if dl["modality_preset"] not in PRESETS:
         raise DataError(f"datalist {name!r}: field 'modality_preset' = {dl['modality_preset']!r}, "
                         f"expected one of {sorted(PRESETS)}")

@@ -54,8 +54,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 class MedMNISTDataset(Dataset):
     """Images of MedMNIST ``.npz`` files, scaled to [0, 1].
 
-    Item: ``image`` float32 ``[1, H, W]`` (2D; RGB converted to gray) or ``[1, D, H, W]`` (3D), ``label`` int64
-    scalar (only with ``with_labels``).
+    Item: ``image`` float32 ``[1, H, W]`` (2D; RGB converted to gray unless ``keep_rgb``: then ``[3, H, W]``) or
+    ``[1, D, H, W]`` (3D), ``label`` int64 scalar (only with ``with_labels``).
 
     Each ``.npz`` is read lazily on first use and kept in memory (28x28 MedMNIST files are a few MB).
 
@@ -64,6 +64,7 @@ class MedMNISTDataset(Dataset):
             file's (a split may relabel), else ``{split}_labels[index, 0]`` is used.
         with_labels: return ``label``.
         image_size: resize spatial dims to this side (bilinear 2D / trilinear 3D); None keeps the native size.
+        keep_rgb: keep RGB images as 3 channels (the datalist's ``"rgb": true``); grey images are refused then.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class MedMNISTDataset(Dataset):
         entries: Sequence[dict[str, Any]],
         with_labels: bool = True,
         image_size: int | None = None,
+        keep_rgb: bool = False,
     ) -> None:
         self.entries = list(entries)
         if not self.entries:
@@ -82,6 +84,7 @@ class MedMNISTDataset(Dataset):
             raise DataError(f"MedMNISTDataset: image_size must be a positive integer or None, got {image_size!r}")
         self.with_labels = with_labels
         self.image_size = image_size
+        self.keep_rgb = keep_rgb
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -103,11 +106,18 @@ class MedMNISTDataset(Dataset):
         raw = images[idx]
         scale = 255.0 if raw.dtype == np.uint8 else 1.0  # MedMNIST stores uint8 0..255
         img = raw.astype(np.float32) / scale
-        if img.ndim == 3 and img.shape[-1] == 3:  # 2D RGB [H, W, 3] -> gray [H, W]
-            img = img @ _LUMA
-        x = torch.from_numpy(np.ascontiguousarray(img))[None]  # [1, H, W] or [1, D, H, W]
+        rgb = img.ndim == 3 and img.shape[-1] == 3
+        if self.keep_rgb and not rgb:
+            raise DataError(f"{e['npz']!r}: the datalist asks for RGB ('rgb': true) but {e['split']}_images are not "
+                            f"RGB (image shape {raw.shape})")
+        if rgb and self.keep_rgb:  # [H, W, 3] -> [3, H, W]
+            x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        else:
+            if rgb:  # 2D RGB [H, W, 3] -> gray [H, W]
+                img = img @ _LUMA
+            x = torch.from_numpy(np.ascontiguousarray(img))[None]  # [1, H, W] or [1, D, H, W]
         if self.image_size is not None and x.shape[-1] != self.image_size:
-            mode = "bilinear" if x.ndim == 3 else "trilinear"
+            mode = "bilinear" if x.ndim == 3 else "trilinear"  # x is [C, H, W] or [1, D, H, W]
             x = F.interpolate(x[None], size=(self.image_size,) * (x.ndim - 1), mode=mode, align_corners=False)[0]
         item: dict[str, Any] = {"image": x.float()}
         if self.with_labels:

@@ -276,6 +276,7 @@ def split_medmnist(
     seed: int = 0,
     labelled_per_site: int | None = None,
     num_classes: int | None = None,
+    rgb: bool = False,
 ) -> list[Path]:
     """Split a MedMNIST ``.npz`` into ``num_sites`` sites by index.
 
@@ -289,6 +290,7 @@ def split_medmnist(
         seed: shuffling seed; same seed -> identical files.
         labelled_per_site: flag only N training images per site ``"labelled": true`` (seeded); None = all.
         num_classes: number of classes (default: largest label in the file + 1).
+        rgb: keep RGB images as 3 channels (writes ``"rgb": true``); refused for a file that is not RGB.
 
     Returns:
         The site datalist paths, ``site-1`` first.
@@ -296,6 +298,9 @@ def split_medmnist(
     _check_common(num_sites, labelled_per_site)
     src = Path(npz_path).expanduser().resolve()
     arrays = load_npz(src)
+    shape = np.asarray(arrays["train_images"]).shape
+    if rgb and not (len(shape) == 4 and shape[-1] == 3):
+        raise DataError(f"--rgb: MedMNIST file {str(src)!r} is not RGB (train_images shape {shape})")
     labels_all = {s: np.asarray(arrays[f"{s}_labels"]).reshape(len(arrays[f"{s}_labels"]), -1)
                   for s in ("train", "val", "test")}
     for s, lab in labels_all.items():
@@ -337,6 +342,7 @@ def split_medmnist(
             "dataset": src.stem,
             "task": "classification",
             "modality_preset": "unit",
+            **({"rgb": True} if rgb else {}),
             "num_classes": int(num_classes),
             "labels": {str(c): str(c) for c in range(int(num_classes))},
             "site": site,

@@ -34,6 +34,13 @@ def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) ->
             fix = "--set model.spatial_dims=2"
         problems.append(f"{where} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} trains a "
                         f"{model_dims}D model: {fix}")
+    if kind == "finetune" and geo.file_channels == 3 and dl.get("rgb"):
+        model = settings["model"]
+        have = int(model.get("in_channels", model.get("backbone", {}).get("in_chans", 1)))
+        if have != 3:
+            key = "model.backbone.in_chans" if "backbone" in model else "model.in_channels"
+            problems.append(f"{where} keeps RGB images as 3 channels ('rgb': true) but the model takes {have}: "
+                            f"--set {key}=3")
     if kind == "finetune":
         task = settings["trainer"]["task"]
         if dl["task"] != task:
@@ -53,6 +60,7 @@ def job_data_notes(dl: dict[str, Any]) -> list[str]:
     from fl_plugins.data import data_geometry
 
     geo = data_geometry(dl)
-    if geo.file_channels == 3:
-        return [f"{geo.source}: RGB images are converted to one grey channel (ITU-R BT.601 luma) by the data layer"]
+    if geo.file_channels == 3 and not dl.get("rgb"):
+        return [f"{geo.source}: RGB images are converted to one grey channel (ITU-R BT.601 luma) by the data layer; "
+                "to keep 3 channels split with --rgb (datalist 'rgb': true) and give the model 3 input channels"]
     return []

@@ -309,7 +309,7 @@ JOBS: dict[str, JobSpec] = {
         defaults={
             "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": "val_accuracy"},
             "model": {"arch": "cnn_classifier", "num_classes": 2, "spatial_dims": 2, "depth": 10,
-                      "widen_factor": 0.25},
+                      "in_channels": 1, "widen_factor": 0.25},
             "trainer": {"task": "classification", "lr": 1e-3, "batch_size": 16, "steps_per_round": 10,
                         "class_weighting": "none"},
             "image_size": 28,

@@ -142,3 +142,54 @@ def test_messages_for_what_hospitals_have(tmp_path, capsys):
     assert "use fewer sites (--sites, now 1) or smaller --val-fraction/--test-fraction" in err
     assert flssl(["split", "--dataset", str(ds), "--out", str(tmp_path / "o"), "--sites", "1", "--val-fraction", "0",
                   "--test-fraction", "0"]) == 0  # a one-case dataset goes to one site, all training
+
+
+def _rgb_npz(path: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 2).reshape(-1, 1)
+    np.savez(path, **{f"{s}_images": images for s in ("train", "val", "test")},
+             **{f"{s}_labels": labels for s in ("train", "val", "test")})
+    return path
+
+
+def test_rgb_kept_as_three_channels_when_asked(tmp_path):
+    """RGB is converted to grey by default (and said); split --rgb keeps 3 channels, and the job must then take 3
+    input channels (the check names the setting)."""
+    from fl_plugins.data import build_dataset
+
+    src = _rgb_npz(tmp_path / "rgb.npz")
+    assert flssl(["split", "--dataset", str(src), "--out", str(tmp_path / "grey"), "--sites", "2"]) == 0
+    assert flssl(["split", "--dataset", str(src), "--out", str(tmp_path / "rgb"), "--sites", "2", "--rgb"]) == 0
+    grey = load_datalist(tmp_path / "grey" / "site-1" / "datalist.json")
+    rgb = load_datalist(tmp_path / "rgb" / "site-1" / "datalist.json")
+    g_img = build_dataset(grey, grey["training"], image_size=None)[0]["image"]
+    c_img = build_dataset(rgb, rgb["training"], image_size=None)[0]["image"]
+    assert tuple(g_img.shape) == (1, 28, 28) and tuple(c_img.shape) == (3, 28, 28)
+    raw = np.load(src)["train_images"][int(rgb["training"][0]["index"])].astype(np.float32) / 255
+    assert np.allclose(c_img.numpy(), raw.transpose(2, 0, 1))
+    assert np.allclose(g_img[0].numpy(), raw @ np.array([0.299, 0.587, 0.114], np.float32), atol=1e-5)
+    assert "to keep 3 channels split with --rgb" in job_data_notes(grey)[0] and job_data_notes(rgb) == []
+    (p,) = job_data_problems("finetune_cls_cnn", job_settings("finetune_cls_cnn"), rgb)
+    assert "keeps RGB images as 3 channels" in p and p.endswith("--set model.in_channels=3")
+    (p,) = job_data_problems("finetune_cls", job_settings("finetune_cls"), rgb)
+    assert p.endswith("--set model.backbone.in_chans=3")
+    fits = job_settings("finetune_cls_cnn", {"model": {"in_channels": 3}})
+    assert job_data_problems("finetune_cls_cnn", fits, rgb) == []
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    from fl_plugins.flare.finetune_handler import FinetuneHandler
+    from fl_plugins.flare.handler import SiteContext
+
+    h = FinetuneHandler(SiteContext("site-1", str(tmp_path / "rgb" / "site-1" / "datalist.json"), str(tmp_path)),
+                        fits["model"], dict(fits["trainer"], batch_size=4, steps_per_round=1), image_size=28)
+    out = h.train(FLModel(params=h.federated_params(), params_type=ParamsType.FULL, current_round=0))
+    assert out.params["conv1.weight"].shape[1] == 3  # the first convolution takes the 3 colour channels
+
+
+def test_rgb_on_grey_data_is_refused(tmp_path, capsys):
+    grey = tmp_path / "g.npz"
+    np.savez(grey, **{f"{s}_images": np.zeros((4, 28, 28), np.uint8) for s in ("train", "val", "test")},
+             **{f"{s}_labels": np.zeros((4, 1), np.int64) for s in ("train", "val", "test")})
+    assert flssl(["split", "--dataset", str(grey), "--out", str(tmp_path / "o"), "--sites", "1", "--rgb"]) == 2
+    assert "--rgb: MedMNIST file" in capsys.readouterr().err
