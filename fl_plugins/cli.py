@@ -78,10 +78,32 @@ def _refuse_dataset_description(p: Path) -> None:
                        f"'flssl split --dataset {p} --out <dir> --sites N' first, then check-data <dir>")
 
 
-def cmd_check_data(a: argparse.Namespace) -> int:
+def _check_datalists(paths: list[Path], sections: tuple[str, ...], job: str | None = None,
+                     settings: dict[str, Any] | None = None, fit_error: str = "the data does not fit the job",
+                     on_ok: Any = None) -> None:
+    """Load and deep-check each datalist and, for a ready job, that the data fits it; print what the data layer does
+    to the images (once per note); raise one error listing every misfit. ``on_ok(path, dl)`` after each file."""
     from fl_plugins.data import load_datalist, validate_datalist
     from fl_plugins.flare.data_check import job_data_notes, job_data_problems
 
+    problems: list[str] = []
+    notes: list[str] = []
+    for p in paths:
+        _refuse_dataset_description(p)
+        dl = load_datalist(p)
+        validate_datalist(dl, sections=sections, deep=True)
+        if job is not None and settings is not None:
+            problems += job_data_problems(job, settings, dl)
+        notes += [n for n in job_data_notes(dl) if n not in notes]
+        if on_ok is not None:
+            on_ok(p, dl)
+    for n in notes:
+        print(f"note: {n}")
+    if problems:
+        raise CLIError(f"{fit_error}:\n  " + "\n  ".join(problems))
+
+
+def cmd_check_data(a: argparse.Namespace) -> int:
     settings = None
     if a.job:
         from fl_plugins.flare.job_builder import job_settings
@@ -90,20 +112,14 @@ def cmd_check_data(a: argparse.Namespace) -> int:
             settings = job_settings(a.job, parse_set(a.set))
         except ValueError as e:
             raise CLIError(str(e)) from e
-    problems: list[str] = []
-    for p in _datalists(a.datalist):
-        _refuse_dataset_description(p)
-        dl = load_datalist(p)
-        validate_datalist(dl, sections=("training", "validation", "test"), deep=True)
-        if settings is not None:
-            problems += job_data_problems(a.job, settings, dl)
-        for note in job_data_notes(dl):
-            print(f"note: {note}")
+
+    def ok(p: Path, dl: dict[str, Any]) -> None:
         n = {s: len(dl.get(s, [])) for s in ("training", "validation", "test")}
         preset = dl["modality_preset"] + (f" ({dl['modality_preset_reason']})" if "modality_preset_reason" in dl else "")
         print(f"OK {p}: {n}, intensity preset {preset}")
-    if problems:
-        raise CLIError(f"the data does not fit job {a.job!r}:\n  " + "\n  ".join(problems))
+
+    _check_datalists(_datalists(a.datalist), ("training", "validation", "test"), a.job, settings,
+                     f"the data does not fit job {a.job!r}", on_ok=ok)
     return 0
 
 
@@ -203,28 +219,17 @@ def _preflight_sites(template: str | None, n_sites: int, job: str | None = None,
                      settings: dict[str, Any] | None = None) -> None:
     """Check every simulated site's datalist (files exist, NIfTI readable, labels, shapes) and, for a ready job, that
     the data fits it (task, class count, 2D/3D), before FLARE starts."""
-    from fl_plugins.data import load_datalist, validate_datalist
-    from fl_plugins.flare.data_check import job_data_notes, job_data_problems
-
     if template is None:
         return
     t0 = time.perf_counter()
-    problems: list[str] = []
-    notes: set[str] = set()
+    paths = []
     for i in range(1, n_sites + 1):
         dl_path = Path(template.replace("{site}", f"site-{i}"))
         if not dl_path.is_file():
             raise CLIError(f"simulated site site-{i} has no datalist at {str(dl_path)!r} (--data has fewer sites "
                            f"than --sites={n_sites}?)")
-        dl = load_datalist(dl_path)
-        validate_datalist(dl, sections=("training", "validation"), deep=True)
-        if job is not None and settings is not None:
-            problems += job_data_problems(job, settings, dl)
-        notes.update(job_data_notes(dl))
-    for n in sorted(notes):
-        print(f"note: {n}")
-    if problems:
-        raise CLIError("the data does not fit the job:\n  " + "\n  ".join(problems))
+        paths.append(dl_path)
+    _check_datalists(paths, ("training", "validation"), job, settings)
     print(f"site data checked ({n_sites} sites) in {time.perf_counter() - t0:.1f}s")
 
 

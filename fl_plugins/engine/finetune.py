@@ -490,6 +490,18 @@ class FinetuneMethod(MethodBase):
     def federated_state_dict(self) -> dict[str, torch.Tensor]:
         return self._subset(self._federated)  # in state_dict order
 
+    def load_federated_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Strict load of the federated keys (key set, shapes, finite values; nothing half-loaded); unexpected keys
+        that are the network's site-local state get the server-side ``exclude_vars`` hint."""
+        try:
+            super().load_federated_state_dict(sd)
+        except ValueError as e:
+            unexpected = set(sd) - set(self._federated)
+            if unexpected and unexpected <= set(self.model.state_dict()):
+                raise ValueError(f"{e}; the unexpected keys are site-local state -- exclude them on the server "
+                                 f"(persistor exclude_vars={non_federated_regex(self.model)!r})") from None
+            raise
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """One group of the trainable parameters; the weight decay stays ``config.weight_decay`` (not scheduled)."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
@@ -579,38 +591,9 @@ class FinetuneTrainer:
             state: exactly the federated keys (tensors or numpy arrays).
 
         Raises:
-            ValueError: missing or unexpected keys (named; site-local keys get an ``exclude_vars`` hint), shape
-                mismatches, or non-finite values.
+            ValueError: see :meth:`FinetuneMethod.load_federated_state_dict`.
         """
-        sd = _coerce_state(state)
-        fed = set(self._federated)
-        missing = sorted(fed - set(sd))
-        unexpected = sorted(set(sd) - fed)
-        if missing or unexpected:
-            msg = (
-                f"received federated state does not match the model's federated keys: "
-                f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
-            )
-            own = set(self.model.state_dict())
-            if unexpected and set(unexpected) <= own:
-                msg += (
-                    f"; the unexpected keys are site-local state -- exclude them on the server "
-                    f"(persistor exclude_vars={non_federated_regex(self.model)!r})"
-                )
-            raise ValueError(msg)
-        own_sd = self.model.state_dict()
-        wrong = [f"{k}: received {tuple(sd[k].shape)} vs model {tuple(own_sd[k].shape)}" for k in self._federated
-                 if sd[k].shape != own_sd[k].shape]
-        if wrong:
-            raise ValueError(f"received federated state has {len(wrong)} shape mismatch(es): {wrong[:3]}")
-        bad = [k for k in self._federated if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all())]
-        if bad:
-            raise ValueError(f"received federated state has non-finite values in {bad[:5]}")
-        with torch.no_grad():
-            for k in self._federated:
-                own_sd[k].copy_(sd[k])
-
-    # -- training ---------------------------------------------------------------------------------------------------
+        self.method.load_federated_state_dict(state)
 
     def _batches(self, g: torch.Generator) -> Iterator[dict[str, Any]]:
         ds = self.train_dataset

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from fl_plugins.engine.train_loop import adamw_param_groups
 
-__all__ = ["Method", "MethodBase", "TAXONOMY_CLASSES", "check_taxonomy", "taxonomy_from_regex"]
+__all__ = ["Method", "MethodBase", "TAXONOMY_CLASSES", "check_taxonomy", "load_state_subset", "state_subset",
+           "taxonomy_from_regex"]
 
 #: The three state classes, in order.
 TAXONOMY_CLASSES = ("federated", "site", "rebuilt")
@@ -119,6 +120,35 @@ def _coerce(value: Any, like: Tensor) -> Tensor:
     return torch.as_tensor(value if isinstance(value, Tensor) else np.asarray(value), dtype=like.dtype)
 
 
+def state_subset(module: nn.Module, keys: Sequence[str]) -> dict[str, Tensor]:
+    """CPU copies of ``module``'s ``state_dict`` tensors ``keys`` (in that order)."""
+    sd = module.state_dict()
+    return {k: sd[k].detach().to("cpu", copy=True) for k in keys}
+
+
+def load_state_subset(module: nn.Module, sd: Mapping[str, Any], keys: Sequence[str], what: str,
+                      finite: bool = True) -> None:
+    """Copy ``sd`` (tensors or arrays) into ``module``'s tensors ``keys`` in place, strictly: the exact key set and
+    shapes (one ``ValueError`` naming ``what``, the missing and unexpected keys and the shape mismatches), and, with
+    ``finite``, no NaN/Inf in a floating tensor."""
+    own = module.state_dict()
+    missing = sorted(set(keys) - set(sd))
+    unexpected = sorted(set(sd) - set(keys))
+    incoming = {k: _coerce(sd[k], own[k]) for k in keys if k in sd}
+    bad_shape = [f"{k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in incoming.items()
+                 if tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"{what} does not match: missing {missing[:5]} ({len(missing)}), unexpected "
+                         f"{unexpected[:5]} ({len(unexpected)}), shape mismatches {bad_shape[:3]}")
+    if finite:
+        bad = [k for k, v in incoming.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{what} has non-finite values in {bad[:5]}")
+    with torch.no_grad():
+        for k, v in incoming.items():
+            own[k].copy_(v)
+
+
 class MethodBase(nn.Module):
     """Defaults for a :class:`Method`: a flat taxonomy (everything federated unless :attr:`site_regex` matches),
     strict loading (exact key set, shapes, finite values), AdamW-style groups (no decay on biases and 1-D
@@ -142,27 +172,10 @@ class MethodBase(nn.Module):
         return taxonomy_from_regex(list(self.state_module().state_dict()), self.site_regex)
 
     def _subset(self, keys: Sequence[str]) -> dict[str, Tensor]:
-        sd = self.state_module().state_dict()
-        return {k: sd[k].detach().to("cpu", copy=True) for k in keys}
+        return state_subset(self.state_module(), keys)
 
     def _load_subset(self, sd: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
-        own = self.state_module().state_dict()
-        missing = sorted(set(keys) - set(sd))
-        unexpected = sorted(set(sd) - set(keys))
-        if missing or unexpected:
-            raise ValueError(f"{type(self).__name__}: {what} does not match: {len(missing)} missing {missing[:5]}, "
-                             f"{len(unexpected)} unexpected {unexpected[:5]}")
-        incoming = {k: _coerce(sd[k], own[k]) for k in keys}
-        wrong = [f"{k}: got {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in incoming.items()
-                 if tuple(v.shape) != tuple(own[k].shape)]
-        if wrong:
-            raise ValueError(f"{type(self).__name__}: {what} has {len(wrong)} shape mismatch(es): {wrong[:3]}")
-        bad = [k for k, v in incoming.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ValueError(f"{type(self).__name__}: {what} has non-finite values in {bad[:5]}")
-        with torch.no_grad():
-            for k, v in incoming.items():
-                own[k].copy_(v)
+        load_state_subset(self.state_module(), sd, keys, f"{type(self).__name__}: {what}", finite=True)
 
     def federated_state_dict(self) -> dict[str, Tensor]:
         return self._subset(self.state_taxonomy()["federated"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["job_data_problems", "job_data_notes"]
+__all__ = ["job_data_problems", "finetune_data_problems", "job_data_notes"]
 
 _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "finetune_cls": "finetune",
              "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d"}
@@ -15,44 +15,56 @@ _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "f
 
 def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
     """Mismatches between the job ``job`` with merged ``settings`` and a loaded datalist ``dl`` (empty: it fits)."""
+    kind = _JOB_KIND.get(job)
+    if kind == "finetune":
+        return finetune_data_problems(settings["trainer"]["task"], settings["model"], dl, job)
+    if kind == "pretrain_2d":
+        return _dims_problems(settings.get("model", {}), dl, job)
+    return []
+
+
+def finetune_data_problems(task: str, model: dict[str, Any], dl: dict[str, Any], job: str | None = None) -> list[str]:
+    """Mismatches between a fine-tuning ``task`` / ``model`` config and a loaded datalist: 2D/3D, colour channels,
+    task, class count. Used by :func:`job_data_problems` and by the fine-tuning handler when a site starts."""
     from fl_plugins.data import data_geometry
 
-    kind = _JOB_KIND.get(job)
-    if kind is None:
-        return []
-    where = f"datalist {dl.get('datalist_path')!r}"
-    problems: list[str] = []
-    geo = data_geometry(dl)
-    model_dims = int(settings.get("model", {}).get("spatial_dims", 2))
-    if geo.spatial_dims != model_dims:
-        if model_dims == 2 and "spatial_dims" in settings.get("model", {}):
-            fix = "--set model.spatial_dims=3"
-        elif model_dims == 2:
-            fix = "use job finetune_cls_cnn with --set model.spatial_dims=3" if dl["task"] == "classification" \
-                else "3D data is not supported by this job"
-        else:
-            fix = "--set model.spatial_dims=2"
-        problems.append(f"{where} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} trains a "
-                        f"{model_dims}D model: {fix}")
-    if kind == "finetune" and geo.file_channels == 3 and dl.get("rgb"):
-        model = settings["model"]
+    where, who = f"datalist {dl.get('datalist_path')!r}", f"job {job!r}" if job else "the job"
+    problems = _dims_problems(model, dl, job)
+    if data_geometry(dl).file_channels == 3 and dl.get("rgb"):
         have = int(model.get("in_channels", model.get("backbone", {}).get("in_chans", 1)))
         if have != 3:
             key = "model.backbone.in_chans" if "backbone" in model else "model.in_channels"
             problems.append(f"{where} keeps RGB images as 3 channels ('rgb': true) but the model takes {have}: "
                             f"--set {key}=3")
-    if kind == "finetune":
-        task = settings["trainer"]["task"]
-        if dl["task"] != task:
-            other = "finetune_cls" if dl["task"] == "classification" else "finetune_seg_unet or finetune_seg_vit"
-            problems.append(f"{where} is for task {dl['task']!r} but job {job!r} fine-tunes for {task!r}: use "
-                            f"job {other}")
-        else:
-            nc, want = int(settings["model"]["num_classes"]), int(dl["num_classes"])
-            if nc != want:
-                problems.append(f"{where} declares num_classes={want} but the job has model.num_classes={nc}: "
-                                f"--set model.num_classes={want}")
+    if dl["task"] != task:
+        other = "finetune_cls" if dl["task"] == "classification" else "finetune_seg_unet or finetune_seg_vit"
+        problems.append(f"{where} is for task {dl['task']!r} but {who} fine-tunes for {task!r}: use job {other}")
+    else:
+        nc, want = int(model["num_classes"]), int(dl["num_classes"])
+        if nc != want:
+            problems.append(f"{who} has model.num_classes={nc} but {where} declares num_classes={want}: "
+                            f"--set model.num_classes={want}")
     return problems
+
+
+def _dims_problems(model: dict[str, Any], dl: dict[str, Any], job: str | None) -> list[str]:
+    """2D/3D: the data's images against the model's ``spatial_dims`` (default 2), with the setting to change."""
+    from fl_plugins.data import data_geometry
+
+    geo = data_geometry(dl)
+    model_dims = int(model.get("spatial_dims", 2))
+    if geo.spatial_dims == model_dims:
+        return []
+    if model_dims == 2 and "spatial_dims" in model:
+        fix = "--set model.spatial_dims=3"
+    elif model_dims == 2:
+        fix = "use job finetune_cls_cnn with --set model.spatial_dims=3" if dl["task"] == "classification" \
+            else "3D data is not supported by this job"
+    else:
+        fix = "--set model.spatial_dims=2"
+    who = f"job {job!r}" if job else "the job"
+    return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but {who} trains "
+            f"a {model_dims}D model: {fix}"]
 
 
 def job_data_notes(dl: dict[str, Any]) -> list[str]:

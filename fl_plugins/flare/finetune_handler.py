@@ -18,14 +18,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nvflare.app_common.abstract.fl_model import FLModel
-
-from fl_plugins.flare.handler import MethodHandler, SiteContext, to_torch
+from fl_plugins.flare.data_check import finetune_data_problems
+from fl_plugins.flare.handler import MethodHandler, SiteContext
 
 __all__ = ["FinetuneHandler", "select_labelled"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def select_labelled(entries: list[dict], num_labelled_patients: int | None) -> list[dict]:
@@ -60,7 +58,7 @@ class FinetuneHandler(MethodHandler):
         num_labelled_patients: int | None = None,
         total_rounds: int = 1,
     ) -> None:
-        from fl_plugins.data import build_split_datasets, data_geometry, load_datalist, validate_datalist
+        from fl_plugins.data import build_split_datasets, load_datalist, validate_datalist
         from fl_plugins.engine.finetune import FinetuneConfig, FinetuneTrainer
 
         self.site = site
@@ -75,22 +73,10 @@ class FinetuneHandler(MethodHandler):
         cfg["model"] = model
         self.config = FinetuneConfig.from_dict(cfg)
         dl = load_datalist(site.datalist_path)
-        if dl["task"] != self.config.task:
-            raise ValueError(
-                f"datalist {site.datalist_path} is for task {dl['task']!r} but the job fine-tunes for "
-                f"{self.config.task!r}"
-            )
-        if int(model.get("num_classes", dl["num_classes"])) != int(dl["num_classes"]):
-            raise ValueError(
-                f"model num_classes={model.get('num_classes')} but datalist {site.datalist_path} declares "
-                f"num_classes={dl['num_classes']}"
-            )
         validate_datalist(dl, sections=("training", "validation"), deep=True)
-        geo = data_geometry(dl)
-        model_dims = int(model.get("spatial_dims", 2))
-        if geo.spatial_dims != model_dims:
-            raise ValueError(f"datalist {site.datalist_path} holds {geo.spatial_dims}D images ({geo.source}) but the "
-                             f"model is {model_dims}D (model.spatial_dims={model_dims})")
+        problems = finetune_data_problems(self.config.task, model, dl)  # the same checks as check-data --job
+        if problems:
+            raise ValueError(f"site {site.site_name}: " + "; ".join(problems))
         train_entries = select_labelled(dl["training"], num_labelled_patients)
         if not train_entries:
             raise ValueError(f"datalist {site.datalist_path} has no labelled training entries")
@@ -104,10 +90,6 @@ class FinetuneHandler(MethodHandler):
             "site %s: %d labelled training items (%s patients), %d validation items",
             site.site_name, len(train_ds), num_labelled_patients or "all", len(val_ds),
         )
-
-    def load_global(self, model: FLModel) -> None:
-        """Strict load; an unexpected site-local key gets the server-side ``exclude_vars`` hint."""
-        self.trainer.load_federated_state(to_torch(model.params))
 
     def monitor(self, rnd: int) -> dict[str, float]:
         """Validation metrics of the current (received) model on the site's validation split (``val_*``)."""

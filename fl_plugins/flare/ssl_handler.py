@@ -75,6 +75,7 @@ class SSLHandler(MethodHandler):
         views: augmentation settings passed to the method's views factory.
         batch_size / image_size: default ``config["batch_size"]`` and the backbone's ``img_size`` (or
             ``config["image_size"]``).
+        spatial_dims: the image dimensionality the method needs (2 or 3); None = any.
     """
 
     LOSS_META_KEY = "ssl_loss"
@@ -92,8 +93,9 @@ class SSLHandler(MethodHandler):
         views: dict[str, Any] | None = None,
         batch_size: int | None = None,
         image_size: int | None = None,
+        spatial_dims: int | None = None,
     ) -> None:
-        from fl_plugins.data import build_dataset, load_datalist, validate_datalist
+        from fl_plugins.data import build_dataset, data_geometry, load_datalist, validate_datalist
         from fl_plugins.engine.knn import knn_items
         from fl_plugins.engine.train_loop import build_optimizer
         from fl_plugins.methods import get_spec
@@ -111,6 +113,10 @@ class SSLHandler(MethodHandler):
         self.seed = cfg["seed"]
         dl = load_datalist(site.datalist_path)
         validate_datalist(dl, sections=("training",), deep=True)
+        geo = data_geometry(dl)
+        if spatial_dims is not None and geo.spatial_dims != spatial_dims:
+            raise ValueError(f"datalist {site.datalist_path} holds {geo.spatial_dims}D images ({geo.source}); method "
+                             f"{method!r} trains on {spatial_dims}D images")
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         self.method = spec.builder(cfg)
@@ -175,13 +181,8 @@ class DinoHandler(SSLHandler):
     def __init__(self, site: SiteContext, dino: dict[str, Any], steps_per_round: int = 10, total_rounds: int = 1,
                  knn_every: int = 1, knn_max_items: int = 512, num_workers: int = 0,
                  views: dict[str, Any] | None = None) -> None:
-        from fl_plugins.data import data_geometry, load_datalist
-
-        geo = data_geometry(load_datalist(site.datalist_path))
-        if geo.spatial_dims != 2:
-            raise ValueError(f"datalist {site.datalist_path} holds 3D images ({geo.source}); DINO trains a 2D timm "
-                             "ViT (3D data is not supported yet)")
         dino = {"total_steps": None, **dino}
         super().__init__(site, "dino", dino, steps_per_round=steps_per_round, total_rounds=total_rounds,
-                         knn_every=knn_every, knn_max_items=knn_max_items, num_workers=num_workers, views=views)
+                         knn_every=knn_every, knn_max_items=knn_max_items, num_workers=num_workers, views=views,
+                         spatial_dims=2)  # a 2D timm ViT
         self.config = self.method.config

@@ -50,6 +50,7 @@ from fl_plugins.core.ibot_loss import ibot_patch_loss
 from fl_plugins.core.koleo import koleo_loss
 from fl_plugins.core.masked_vit import add_mask_token, forward_tokens
 from fl_plugins.core.masking import BlockMaskGenerator, sample_ibot_masks
+from fl_plugins.engine.method import load_state_subset, state_subset
 from fl_plugins.engine.train_loop import adamw_param_groups
 from fl_plugins.methods.dino_config import DINOConfig
 from fl_plugins.models.backbone import create_backbone
@@ -67,21 +68,6 @@ class _Centers(nn.Module):
         self.register_buffer("dino_center", torch.zeros(out_dim))
         if with_ibot:
             self.register_buffer("ibot_center", torch.zeros(out_dim))
-
-
-def _check_strict(sd: Mapping[str, Any], expected: Mapping[str, Tensor], what: str) -> None:
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    bad_shape = [
-        f"{k}: got {tuple(torch.as_tensor(sd[k]).shape)}, expected {tuple(expected[k].shape)}"
-        for k in sorted(set(sd) & set(expected))
-        if tuple(torch.as_tensor(sd[k]).shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"{what} does not match: missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
-            f"({len(unexpected)}), shape mismatches {bad_shape[:3]}"
-        )
 
 
 class DINOMethod(nn.Module):
@@ -332,16 +318,10 @@ class DINOMethod(nn.Module):
         return {k: sorted(v) for k, v in out.items()}
 
     def _subset(self, keys: Sequence[str]) -> dict[str, Tensor]:
-        sd = self.state_dict()
-        return {k: sd[k].detach().clone() for k in keys}
+        return state_subset(self, keys)
 
     def _load_subset(self, sd: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
-        own = self.state_dict()
-        expected = {k: own[k] for k in keys}
-        _check_strict(sd, expected, what)
-        with torch.no_grad():
-            for k, target in expected.items():
-                target.copy_(torch.as_tensor(sd[k], dtype=target.dtype))
+        load_state_subset(self, sd, keys, what, finite=False)  # DINO's load never checked values (as before)
 
     def federated_state_dict(self) -> dict[str, Tensor]:
         """The tensors sent to the server this round (cloned, float32), keyed by ``state_dict`` names."""

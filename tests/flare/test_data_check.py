@@ -56,7 +56,8 @@ def test_task_and_class_count_mismatches_name_the_setting(synth_seg_data, synth_
     assert "is for task 'segmentation' but job 'finetune_cls' fine-tunes for 'classification'" in p
     assert "use job finetune_seg_unet or finetune_seg_vit" in p
     (p,) = job_data_problems("finetune_seg_unet", job_settings("finetune_seg_unet", {"model": {"num_classes": 4}}), seg)
-    assert "declares num_classes=3 but the job has model.num_classes=4: --set model.num_classes=3" in p
+    assert "job 'finetune_seg_unet' has model.num_classes=4 but datalist" in p
+    assert p.endswith("declares num_classes=3: --set model.num_classes=3")
     cls = load_datalist(synth_cls_data / "site-1" / "datalist.json")
     assert job_data_problems("finetune_cls", job_settings("finetune_cls"), cls) == []
 
