@@ -50,6 +50,7 @@ from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.models.factory import TASK_OF_ARCH, build_model
 
 __all__ = [
+    "augment_flip_rot90",
     "balanced_class_weights",
     "FinetuneConfig",
     "FinetuneMethod",
@@ -307,6 +308,10 @@ def _augment(
                 t = torch.rot90(t, k, dims=(-2, -1))
             t_list[i] = t
     return torch.stack(xs), (torch.stack(ys) if ys is not None else None)
+
+
+#: public name of the fine-tuning augmentation (U-Net inpainting pretraining uses the same one)
+augment_flip_rot90 = _augment
 
 
 def _num_classes(model_cfg: Mapping[str, Any]) -> int:

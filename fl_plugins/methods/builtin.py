@@ -8,6 +8,8 @@ dino     :class:`~fl_plugins.methods.dino_config.    multi-crop views (:meth:`DI
          dinov2)
 finetune :class:`~fl_plugins.engine.finetune.        labelled items ``{"image", "label"}`` (the handler builds them)
          FinetuneConfig` fields
+unet_    :class:`~fl_plugins.methods.unet_inpaint.   the image itself ``{"image": [B, C, *spatial]}``; flips, rot90
+inpaint  InpaintConfig` fields                       and masks drawn in the step
 ======== =========================================== ================================================================
 """
 
@@ -41,7 +43,15 @@ def _build_finetune(config: dict[str, Any]) -> Any:
     return FinetuneMethod(FinetuneConfig.from_dict(dict(config)))
 
 
+def _build_unet_inpaint(config: dict[str, Any]) -> Any:
+    from fl_plugins.methods.unet_inpaint import InpaintConfig, UNetInpaintMethod
+
+    return UNetInpaintMethod(InpaintConfig.from_dict(dict(config)))
+
+
 register_method("dino", _build_dino, views=_dino_views,
                 description="DINO / DINOv2 self-distillation (student, EMA teacher, centres; modes A/B/C)")
 register_method("finetune", _build_finetune,
                 description="supervised fine-tuning (segmentation or classification) of a build_model network")
+register_method("unet_inpaint", _build_unet_inpaint,
+                description="masked inpainting of the whole segmentation U-Net (2D/3D; MSE on masked pixels)")

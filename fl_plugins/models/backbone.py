@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["BackboneSpec", "create_backbone", "load_backbone_state", "BackboneCheckpointError"]
+__all__ = ["BackboneSpec", "create_backbone", "load_backbone_state", "read_state_dict_file", "BackboneCheckpointError"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,25 +84,32 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
     return timm.create_model(spec.name, pretrained=False, **spec.timm_kwargs())
 
 
+def read_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A ``state_dict`` (name -> tensor) from a ``.pt``/``.pth`` file: a raw state dict or a dict with a
+    ``state_dict``/``model`` entry; :class:`BackboneCheckpointError` naming ``what`` and the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneCheckpointError(f"{what} {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a torch file
+        raise BackboneCheckpointError(f"cannot read {what} {str(path)!r}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneCheckpointError(f"{what} {str(path)!r} does not hold a state_dict (name -> tensor)")
+    return obj
+
+
 def load_backbone_state(backbone: nn.Module, path: str | Path) -> None:
     """Load an exported backbone ``state_dict`` (a ``.pt``/``.pth`` file) into ``backbone``, strictly.
 
     Accepts a raw state dict or a dict with a ``state_dict``/``model`` entry. Raises
     :class:`BackboneCheckpointError` naming the file, the missing/unexpected keys and shape mismatches.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneCheckpointError(f"pretrained backbone checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or not a torch file
-        raise BackboneCheckpointError(f"cannot read pretrained backbone checkpoint {str(path)!r}: {e}") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneCheckpointError(f"{str(path)!r} does not hold a backbone state_dict (name -> tensor)")
+    obj = read_state_dict_file(path, "pretrained backbone checkpoint")
     own = backbone.state_dict()
     missing = sorted(set(own) - set(obj))
     unexpected = sorted(set(obj) - set(own))

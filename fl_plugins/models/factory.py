@@ -4,7 +4,8 @@ Config schema (``arch`` and ``num_classes`` always; other keys optional, default
 
     {"arch": "unet", "num_classes": 3,
      "in_channels": 1, "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
-     "num_res_units": 2, "norm": "batch", "dropout": 0.0, "spatial_dims": 2}    # fl_plugins.models.unet
+     "num_res_units": 2, "norm": "batch", "dropout": 0.0, "spatial_dims": 2,
+     "pretrained": null}                                                          # fl_plugins.models.unet
     {"arch": "vit_seg", "num_classes": 3, "backbone": {BackboneSpec fields},
      "pretrained": null, "feature_size": 16, "norm_name": "instance"}           # fl_plugins.models.vit_seg
     {"arch": "vit_classifier", "num_classes": 2, "backbone": {BackboneSpec fields},
@@ -12,13 +13,15 @@ Config schema (``arch`` and ``num_classes`` always; other keys optional, default
     {"arch": "cnn_classifier", "num_classes": 2, "spatial_dims": 2, "depth": 10,
      "in_channels": 1, "widen_factor": 0.25}                                     # fl_plugins.models.cnn_classifier
 
-``pretrained`` is the path of an exported backbone ``state_dict``. In a FedAvg job the server's initial global
+``pretrained`` is the path of an exported backbone ``state_dict`` (U-Net: an exported inpainting U-Net or U-Net
+encoder; every tensor but the output block loads, see ``fl_plugins.models.unet.load_unet_pretrained``). In a FedAvg job the server's initial global
 model overwrites the sites' weights in round 0, so the path must be readable where the server persistor builds the
 model (and on the sites for a frozen, non-federated backbone).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,8 +30,10 @@ from torch import nn
 from fl_plugins.models.backbone import BackboneSpec
 from fl_plugins.models.classifier import ViTClassifier
 from fl_plugins.models.cnn_classifier import build_cnn_classifier
-from fl_plugins.models.unet import build_unet
+from fl_plugins.models.unet import build_unet, load_unet_pretrained
 from fl_plugins.models.vit_seg import ViTSegmenter
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["build_model", "model_summary", "ARCH_KEYS", "TASK_OF_ARCH"]
 
@@ -36,7 +41,8 @@ _COMMON = ("arch", "num_classes")
 
 #: Valid config keys per architecture.
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims"),
+    "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims",
+                       "pretrained"),
     "vit_seg": _COMMON + ("backbone", "pretrained", "feature_size", "norm_name"),
     "vit_classifier": _COMMON + ("backbone", "pretrained", "head", "freeze_backbone"),
     "cnn_classifier": _COMMON + ("spatial_dims", "depth", "in_channels", "widen_factor"),
@@ -60,8 +66,11 @@ def _spec(cfg: Mapping[str, Any]) -> BackboneSpec:
 
 
 def _build_unet(cfg: Mapping[str, Any]) -> nn.Module:
-    kw = {k: v for k, v in cfg.items() if k not in _COMMON}
-    return build_unet(num_classes=int(cfg["num_classes"]), **kw)
+    kw = {k: v for k, v in cfg.items() if k not in _COMMON + ("pretrained",)}
+    net = build_unet(num_classes=int(cfg["num_classes"]), **kw)
+    if cfg.get("pretrained"):
+        logger.info(load_unet_pretrained(net, str(cfg["pretrained"])))
+    return net
 
 
 def _build_vit_seg(cfg: Mapping[str, Any]) -> nn.Module:

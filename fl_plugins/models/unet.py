@@ -24,7 +24,7 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-__all__ = ["build_unet", "UNET_DEFAULTS", "UNetEncoder"]
+__all__ = ["build_unet", "UNET_DEFAULTS", "UNetEncoder", "load_unet_pretrained", "OUTPUT_BLOCK_PREFIX"]
 
 #: Keyword defaults of :func:`build_unet` (reasons in the module docstring).
 UNET_DEFAULTS: dict = {
@@ -129,3 +129,48 @@ class UNetEncoder(nn.Module):
             x = sub(x)
             break
         return x.flatten(2).mean(-1)
+
+
+#: The U-Net's output block: MONAI nests ``Sequential(down, SkipConnection(...), up)``; the outermost ``up``
+#: (``model.2``) maps to the output channels, so its shapes depend on ``num_classes`` (or, for inpainting, on the
+#: image channels) and it is the one part a pretrained U-Net may not fill.
+OUTPUT_BLOCK_PREFIX = "model.2."
+
+
+def load_unet_pretrained(net: nn.Module, path: str) -> str:
+    """Load a pretrained U-Net (U-Net inpainting export, or an encoder export of :class:`UNetEncoder`) into the
+    segmentation U-Net ``net``; returns a one-paragraph report of what was loaded and what starts fresh.
+
+    Every tensor of the file must be a tensor of ``net`` with the same shape, except the output block
+    (``model.2.*``), which stays randomly initialised when its shape differs (another number of output channels).
+    Tensors of ``net`` absent from the file (the expanding path, for an encoder export) stay as built.
+
+    Raises:
+        fl_plugins.models.backbone.BackboneCheckpointError: file missing or unreadable, keys of another
+            architecture, shape mismatches outside the output block (named with the file), nothing loadable.
+    """
+    from fl_plugins.models.backbone import BackboneCheckpointError, read_state_dict_file
+
+    obj = read_state_dict_file(path, "pretrained U-Net checkpoint (model.pretrained)")
+    own = net.state_dict()
+    unexpected = sorted(set(obj) - set(own))
+    mismatched = [k for k in sorted(set(obj) & set(own)) if obj[k].shape != own[k].shape]
+    bad_shape = [f"{k}: checkpoint {tuple(obj[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched
+                 if not k.startswith(OUTPUT_BLOCK_PREFIX)]
+    if unexpected or bad_shape:
+        raise BackboneCheckpointError(
+            f"pretrained U-Net checkpoint {path!r} (model.pretrained) does not fit this U-Net (is it another "
+            f"architecture, or other channels/strides/num_res_units?): {len(unexpected)} unexpected key(s) "
+            f"{unexpected[:5]}, {len(bad_shape)} shape mismatch(es) {bad_shape[:3]}")
+    load = {k: v for k, v in obj.items() if k not in mismatched}
+    if not any(not k.endswith("num_batches_tracked") for k in load):
+        raise BackboneCheckpointError(f"pretrained U-Net checkpoint {path!r} (model.pretrained) has no tensor this "
+                                      "U-Net can take")
+    net.load_state_dict(load, strict=False)
+    fresh = sorted(set(own) - set(load))
+    n_loaded = sum(int(v.numel()) for v in load.values())
+    n_fresh = sum(int(own[k].numel()) for k in fresh)
+    return (f"pretrained U-Net {path}: loaded {len(load)} tensors ({n_loaded:,d} values); randomly initialised "
+            f"{len(fresh)} tensors ({n_fresh:,d} values)"
+            + (f", e.g. {fresh[:3]}" if fresh else "")
+            + (" (the output block: another number of output channels)" if mismatched else ""))
