@@ -22,12 +22,19 @@ from fl_plugins.flare.aggregators import WeightedAverage
 __all__ = ["fedavg", "run_fedavg"]
 
 
-def fedavg(results: Sequence[FLModel], aggregator: ModelAggregator | None = None) -> dict[str, np.ndarray]:
-    """Aggregate one round's ``results`` with ``aggregator`` (default a fresh ``WeightedAverage``)."""
+def fedavg(results: Sequence[FLModel], aggregator: ModelAggregator | None = None,
+           global_model: FLModel | None = None) -> dict[str, np.ndarray]:
+    """Aggregate one round's ``results`` with ``aggregator`` (default a fresh ``WeightedAverage``).
+
+    With ``global_model`` (the model sent for the round, its ``current_round`` the round) the aggregator validates
+    every result against it as in the FLARE jobs (``expect``; :mod:`fl_plugins.flare.update_check`): rejected
+    results are left out, and if all are, the global model comes back unchanged."""
     if not results:
         raise ValueError("fedavg needs at least one result")
     agg = aggregator or WeightedAverage()
     agg.reset_stats()
+    if global_model is not None and hasattr(agg, "expect"):
+        agg.expect(global_model, global_model.current_round)
     for r in results:
         agg.accept_model(r)
     return {k: np.asarray(v, dtype=np.float32) for k, v in agg.aggregate_model().params.items()}
@@ -42,15 +49,32 @@ def run_fedavg(
     start_round: int = 0,
     total_rounds: int | None = None,
     aggregator: ModelAggregator | None = None,
+    key_metric: str | None = None,
+    patience: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
+    """Run up to ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
+
+    Model selection and early stopping (with ``key_metric``): the score of a global model is the mean over sites of
+    ``key_metric`` that the sites report for it (round r's metrics are those of the global model *received* in round
+    r; the last aggregate is scored by the final validation). The best-scoring global model is kept; with
+    ``patience`` = P, training stops after P rounds in a row without a better score.
 
     Returns:
-        ``{"params": final global params, "rounds": [[site metrics...] per round], "final": [site metrics]}``.
+        ``{"params": final global params, "rounds": [[site metrics...] per round], "final": [site metrics],
+        "best": {"round", "score", "params"} (with ``key_metric``), "rounds_run": int}``.
     """
+    if patience is not None and (key_metric is None or patience < 1):
+        raise ValueError(f"patience={patience!r} needs key_metric and must be >= 1")
     params = init_params
     history = []
     total = total_rounds or start_round + rounds
+    best: dict[str, Any] = {"round": None, "score": -np.inf, "params": None}
+    since_best = 0
+
+    def score(metrics: Sequence[dict[str, Any]]) -> float:
+        vals = [float(m[key_metric]) for m in metrics if m and key_metric in m]
+        return float(np.mean(vals)) if vals else float("nan")
+
     for r in range(start_round, start_round + rounds):
         g = FLModel(params=params, params_type=ParamsType.FULL, current_round=r, total_rounds=total)
         results: list = [None] * len(handlers)
@@ -68,9 +92,24 @@ def run_fedavg(
             for i in range(len(handlers)):
                 run(i)
         history.append([res.metrics for res in results])
-        params = fedavg(results, aggregator)
+        if key_metric is not None:
+            sc = score(history[-1])
+            if sc > best["score"]:
+                best, since_best = {"round": r, "score": sc, "params": params}, 0
+            else:
+                since_best += 1
+        params = fedavg(results, aggregator, global_model=g)
+        if patience is not None and since_best >= patience:
+            break
+    rounds_run = len(history)
     final = []
-    if final_validation:
-        g = FLModel(params=params, params_type=ParamsType.FULL, current_round=start_round + rounds, total_rounds=total)
+    if final_validation or key_metric is not None:
+        g = FLModel(params=params, params_type=ParamsType.FULL, current_round=start_round + rounds_run,
+                    total_rounds=total)
         final = [h.validate(g).metrics for h in handlers]
-    return {"params": params, "rounds": history, "final": final}
+        if key_metric is not None and score(final) > best["score"]:
+            best = {"round": start_round + rounds_run, "score": score(final), "params": params}
+    out: dict[str, Any] = {"params": params, "rounds": history, "final": final, "rounds_run": rounds_run}
+    if key_metric is not None:
+        out["best"] = best
+    return out

@@ -10,6 +10,9 @@ finetune :class:`~fl_plugins.engine.finetune.        labelled items ``{"image", 
          FinetuneConfig` fields
 unet_    :class:`~fl_plugins.methods.unet_inpaint.   the image itself ``{"image": [B, C, *spatial]}``; flips, rot90
 inpaint  InpaintConfig` fields                       and masks drawn in the step
+mae      :class:`~fl_plugins.methods.mae_config.     the image itself ``{"image": [B, C, *spatial]}``; crops, flips
+         MAEConfig` fields (``variant``: mae or      and masks drawn in the step (MAE 2D/3D, SimMIM 2D)
+         simmim)
 ======== =========================================== ================================================================
 """
 
@@ -55,3 +58,13 @@ register_method("finetune", _build_finetune,
                 description="supervised fine-tuning (segmentation or classification) of a build_model network")
 register_method("unet_inpaint", _build_unet_inpaint,
                 description="masked inpainting of the whole segmentation U-Net (2D/3D; MSE on masked pixels)")
+
+
+def _build_mae(config: dict[str, Any]) -> Any:
+    from fl_plugins.methods.mae import MAEConfig, MAEMethod
+
+    return MAEMethod(MAEConfig.from_dict(dict(config)))
+
+
+register_method("mae", _build_mae,
+                description="masked image modelling of a ViT: MAE (2D timm / 3D MONAI) or SimMIM (2D)")
