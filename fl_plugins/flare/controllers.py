@@ -14,6 +14,16 @@
   the sites that remain. When fewer than ``min_clients`` sites remain FLARE itself stops the job
   (``FINISHED:EXECUTION_EXCEPTION``, "Aborting job due to deployment policy violation"); ``sample_clients`` also
   refuses to start a round with fewer than ``num_clients`` sites (the run ends with an error naming them).
+* **Every result is validated** before it is averaged (:mod:`fl_plugins.flare.update_check`: key set, shapes,
+  dtypes, finite values, the round, the update norm relative to the other sites'): when the ``train`` task is sent
+  the aggregator is told the round's global model (``expect``); a rejected result is logged (site, round, reason)
+  and left out, its metrics do not score the best model, the round's rejected count goes to the server's
+  TensorBoard (``rejected_updates``, per reason ``rejected_updates/<code>``, step = the round, through the job's
+  ``TBAnalyticsReceiver``: ``tb_events/<server name>/``) and to the aggregate's meta (``nr_aggregated``,
+  ``nr_rejected``, ``rejected_reasons``). If every result of a round is rejected the global model stays unchanged
+  for that round (error log, no crash). Without an ``aggregator`` the controller uses
+  :class:`~fl_plugins.flare.aggregators.WeightedAverage` (nvflare's built-in weighted mean, validated) instead of
+  nvflare's built-in streaming average, which validates nothing.
 * **Final validation:** after the last round, the final global model is sent to every connected site with the
   task ``validate`` and the per-site metrics are written to ``<server app dir>/final_metrics.json`` (atomically)
   and the server log. Without it the last aggregate would never be evaluated (in FedAvg, sites validate the model
@@ -41,9 +51,15 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fl_plugins.engine.checkpoint import atomic_torch_save, atomic_write_text
+from fl_plugins.flare.aggregators import META_NR_AGGREGATED, META_NR_REJECTED, META_REJECTED_REASONS, WeightedAverage
+from fl_plugins.flare.update_check import Rejection, site_of
 from fl_plugins.wire import META_CLIENT_NAME, TASK_VALIDATE
 
-__all__ = ["BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness", "plain_metrics"]
+__all__ = ["BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness",
+           "UpdateValidation", "plain_metrics"]
+
+#: The analytics event the job's server-side ``TBAnalyticsReceiver`` writes (the sites' scalars arrive as it too).
+SERVER_TB_EVENT = "fed.analytix_log_stats"
 
 
 class NotEnoughSitesError(RuntimeError):
@@ -293,8 +309,70 @@ class BestModelSelection:
         return True
 
 
-class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelection, FedAvg):
-    """FedAvg over all connected sites, dropping lost sites, + final validation (see the module docstring).
+class UpdateValidation:
+    """Mixin for any nvflare ``ModelController`` that aggregates with an ``aggregator`` following the validation
+    contract of :mod:`fl_plugins.flare.aggregators` (``expect``, ``accept_model`` returning a
+    :class:`~fl_plugins.flare.update_check.Rejection`, ``round_rejections``, ``rejected_counts``).
+
+    Call :meth:`expect_results` with the global model when a round's training task is sent and
+    :meth:`report_rejections` after the aggregate is made: it logs the round's rejections, writes the count to the
+    server's TensorBoard and returns the counts for the aggregate's meta. An aggregator without ``expect`` (e.g.
+    one of nvflare's) is used as it is.
+    """
+
+    def expect_results(self, global_model: FLModel, current_round: int | None) -> None:
+        agg = getattr(self, "aggregator", None)
+        if agg is None or not hasattr(agg, "expect"):
+            return
+        if getattr(agg, "fl_ctx", None) is None:  # an aggregator passed as an argument gets no START_RUN event
+            agg.fl_ctx = self.fl_ctx
+        agg.expect(global_model, current_round)
+
+    def report_rejections(self, current_round: int, received: int) -> dict[str, Any]:
+        """Log and record the round's rejected results; returns ``{nr_aggregated, nr_rejected, rejected_reasons}``."""
+        agg = getattr(self, "aggregator", None)
+        rejections: list[Rejection] = list(getattr(agg, "round_rejections", None) or [])
+        reasons: dict[str, int] = {}
+        for r in rejections:
+            reasons[r.code] = reasons.get(r.code, 0) + 1
+        counts = {META_NR_AGGREGATED: max(0, received - len(rejections)), META_NR_REJECTED: len(rejections),
+                  META_REJECTED_REASONS: reasons}
+        if rejections:
+            sites = ", ".join(f"{r.site} ({r.code})" for r in rejections)
+            total = dict(getattr(agg, "rejected_counts", {}) or {})
+            msg = (f"round {current_round}: {len(rejections)} of {received} result(s) rejected and left out of the "
+                   f"average: {sites}; rejected so far in this job, per reason: {total}")
+            if counts[META_NR_AGGREGATED] == 0:
+                self.log_error(self.fl_ctx, f"{msg}; no result left: the global model stays unchanged this round",
+                               fire_event=False)
+            else:
+                self.log_warning(self.fl_ctx, msg, fire_event=False)
+        self.log_server_scalar("rejected_updates", len(rejections), current_round)
+        for code, n in reasons.items():
+            self.log_server_scalar(f"rejected_updates/{code}", n, current_round)
+        return counts
+
+    def log_server_scalar(self, tag: str, value: float, step: int) -> None:
+        """One scalar in the server's TensorBoard (the job's ``TBAnalyticsReceiver`` writes it under the server's
+        name); a job without a receiver ignores it. Never fails the round."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return
+        try:
+            from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
+            from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+
+            dxo = create_analytic_dxo(tag=tag, value=float(value), data_type=AnalyticsDataType.SCALAR,
+                                      writer=LogWriterName.TORCH_TB, global_step=int(step))
+            with engine.new_context() as ctx:
+                send_analytic_dxo(self, dxo=dxo, fl_ctx=ctx, event_type=SERVER_TB_EVENT)
+        except Exception as e:  # TensorBoard is a report, not part of the round
+            self.log_warning(self.fl_ctx, f"cannot write {tag!r} to the server's TensorBoard: {e}", fire_event=False)
+
+
+class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelection, UpdateValidation, FedAvg):
+    """FedAvg over all connected sites, dropping lost sites, validating every result, + final validation (see the
+    module docstring).
 
     Other arguments are ``FedAvg``'s (``num_rounds``, ``persistor_id``, ``task_check_period``, ...).
 
@@ -306,6 +384,8 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         final_validation: run the extra ``validate`` phase after the last round.
         validation_timeout: seconds to wait for the validation results (0 = no limit).
         key_metric: the site metric that picks the best global model (:class:`BestModelSelection`); None = off.
+        aggregator: a ``ModelAggregator``; None = :class:`~fl_plugins.flare.aggregators.WeightedAverage` with its
+            default update-norm bound (jobs pass one with the job's ``fl.update_norm_bound``).
 
     Raises:
         ValueError: a setting out of range (the message names it and its value).
@@ -329,6 +409,11 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
                 f"got {sites_per_round}"
             )
         super().__init__(*args, num_clients=num_clients, **kwargs)
+        if self.aggregator is None:  # nvflare's built-in streaming average validates nothing
+            if self.aggregation_weights:
+                raise ValueError("aggregation_weights needs nvflare's built-in average, which validates nothing; "
+                                 f"pass an aggregator instead (got {self.aggregation_weights!r})")
+            self.aggregator = WeightedAverage(exclude_vars=self.exclude_vars)
         self.init_site_liveness(sites_per_round)
         self.init_final_validation(final_validation, validation_timeout)
         self.init_best_model(key_metric)
@@ -349,11 +434,39 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         self._last_model = model
         super().save_model(model)
 
+    def send_model(self, task_name: str = "train", data: FLModel | None = None, *args: Any, **kwargs: Any) -> None:
+        """``ModelController.send_model``; for the round's training task, the aggregator is first told the global
+        model it will check the results against (``FedAvg.run`` resets the aggregator just before)."""
+        if task_name == self.task_name and data is not None:
+            self.expect_results(data, self.current_round)
+        super().send_model(task_name, data, *args, **kwargs)
+
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        """nvflare 2.9 ``FedAvg``'s per-result callback, plus: remember the site's metrics of the received model."""
-        site = (result.meta or {}).get(META_CLIENT_NAME, "?")
+        """nvflare 2.9 ``FedAvg``'s per-result callback with a custom aggregator (this controller always has one),
+        plus: every result goes to the aggregator's checks (an empty one too, counted as ``empty``); a rejected one
+        returns False (FLARE then reports it not accepted) and its metrics are not kept; an accepted one's metrics
+        of the received model are kept for the best-model choice."""
+        site = site_of(result)
+        if self._params_type is None:
+            self._params_type = result.params_type
+        rejection = self.aggregator.accept_model(result)
+        self._received_count += 1
+        if isinstance(rejection, Rejection):
+            self.info(f"Received {self._received_count}/{self._expected_count} results; {site}'s rejected")
+            return False
         self._round_metrics[site] = plain_metrics(result.metrics or {})
-        return super()._aggregate_one_result(result)
+        self.info(f"Aggregated {self._received_count}/{self._expected_count} results")
+        return True
+
+    def _get_aggregated_result(self) -> FLModel:
+        """``FedAvg``'s aggregate, with the round's rejections reported (log, TensorBoard, meta); a site rejected at
+        aggregation time (update norm) loses its metrics too. All rejected: the aggregator returns the global model
+        unchanged."""
+        result = super()._get_aggregated_result()
+        for r in getattr(self.aggregator, "round_rejections", None) or []:
+            self._round_metrics.pop(r.site, None)
+        result.meta.update(self.report_rejections(int(self.current_round), self._received_count))
+        return result
 
     def update_model(self, model: FLModel, aggregate_results: FLModel) -> FLModel:
         """Before the aggregate replaces it, ``model`` (what the sites received and scored) is a best candidate."""
