@@ -284,7 +284,13 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         from fl_plugins.models.pretrained_report import pretrained_report
 
         try:  # load it here once: a file that does not fit is named before FLARE starts, and the user sees what loads
-            print(pretrained_report(build_model(settings["model"]), settings["model"]["pretrained"]))
+            if settings["model"].get("arch") == "unet":  # the U-Net has no backbone part: its loader reports
+                from fl_plugins.models.unet import load_unet_pretrained
+
+                net = build_model({**settings["model"], "pretrained": None})
+                print(load_unet_pretrained(net, settings["model"]["pretrained"]))
+            else:
+                print(pretrained_report(build_model(settings["model"]), settings["model"]["pretrained"]))
         except ValueError as e:
             raise CLIError(f"--pretrained: {e}") from e
     if a.job in JOBS:
@@ -405,10 +411,28 @@ def cmd_export_backbone(a: argparse.Namespace) -> int:
     method.state_module().load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
     out = export_backbone(method, a.out, which=which)
     spec = getattr(method.config, "backbone", None)
-    if spec is None:
+    if args["method"] == "unet_inpaint":  # the whole U-Net: it starts the segmentation fine-tuning
+        from fl_plugins.models.unet import UNET_DEFAULTS
+
+        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (JSON lists vs tuples)
+        changed = {k: v for k, v in (method.config.unet or {}).items() if norm(UNET_DEFAULTS.get(k)) != norm(v)}
+        sets = "".join(f" --set 'model.{k}={json.dumps(norm(v), separators=(',', ':'))}'"
+                       for k, v in sorted(changed.items()))
+        print(f"wrote the inpainting U-Net to {out}")
+        print(f"fine-tune from it: flssl simulate --job finetune_seg_unet --pretrained {out}{sets} "
+              f"--set image_size={method.config.image_size} ...")
+        return 0
+    if spec is None or not hasattr(spec, "timm_kwargs"):
         print(f"wrote the backbone of method {args['method']!r} to {out}")
         return 0
-    print(f"wrote the {a.which} backbone to {out}")
+    if getattr(method.config, "spatial_dims", 2) == 3:  # MAE 3D: a MONAI ViT (no 3D ViT fine-tuning job yet)
+        from fl_plugins.methods.mae import vit3d_kwargs
+
+        print(f"wrote the 3D ViT encoder to {out}")
+        print(f"load it in MONAI: monai.networks.nets.ViT(**{vit3d_kwargs(method.config)}).load_state_dict("
+              f"torch.load({str(out)!r}))  (the vit.* part of UNETR)")
+        return 0
+    print(f"wrote the {a.which + ' ' if which else ''}backbone to {out}")
     print(f"fine-tune from it: flssl simulate --job finetune_seg_vit --pretrained {out} "
           f"--set 'model.backbone={json.dumps(spec.to_dict())}' ...")
     print(f"load it in timm: timm.create_model({spec.name!r}, pretrained=True, pretrained_cfg_overlay={{'file': "
@@ -496,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", "-t", type=int, default=2)
     s.add_argument("--rounds", type=int, default=None)
     s.add_argument("--labelled", type=int, default=None, help="labelled patients per site used for fine-tuning")
-    s.add_argument("--pretrained", default=None, help="pretrained backbone state_dict (ViT jobs)")
+    s.add_argument("--pretrained", default=None, help="pretrained weights from 'flssl export-backbone': a ViT "
+                   "backbone for the ViT jobs (finetune_seg_vit, finetune_cls), a unet_inpaint_pretrain U-Net for "
+                   "the U-Net job (finetune_seg_unet)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job setting, e.g. --set trainer.steps_per_round=50 --set model.num_classes=4")
     s.add_argument("--clean", action="store_true", help="delete the workspace first")
@@ -514,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the result JSON here")
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("export-backbone", help="write the ViT backbone of a DINO/DINOv2 global checkpoint for "
-                       "fine-tuning (timm-loadable state_dict)")
+    s = sub.add_parser("export-backbone", help="write the backbone of a pretraining global checkpoint for "
+                       "fine-tuning (DINO/DINOv2/MAE: the timm-loadable ViT state_dict; unet_inpaint: the whole "
+                       "U-Net, for finetune_seg_unet --pretrained)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--which", choices=["teacher", "student"], default="teacher",

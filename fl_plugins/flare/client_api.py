@@ -59,6 +59,7 @@ def serve(flare: Any, config: dict[str, Any]) -> int:
         workspace_dir=str(out_dir),
         log_scalar=(lambda tag, value, step: writer.add_scalar(tag, value, step)) if writer else
         (lambda tag, value, step: None),
+        log_image=_image_logger(writer),
     )
     import_plugins(config.get("imports") or [])
     handler = handler_class(config["handler"])(ctx, **(config.get("handler_args") or {}))
@@ -71,9 +72,29 @@ def serve(flare: Any, config: dict[str, Any]) -> int:
         name = flare.get_task_name()
         if name not in tasks:
             raise ValueError(f"site {site}: task {name!r} is not one of the handler's tasks {sorted(tasks)}")
-        flare.send(tasks[name](model))
+        out = tasks[name](model)
+        if out.current_round is None:  # the round it answers: the server rejects another round's result
+            out.current_round = model.current_round
+        flare.send(out)
         answered += 1
     return answered
+
+
+def _image_logger(writer: Any) -> Any:
+    """``log_image`` of the Client API path: nvflare's ``SummaryWriter`` has no ``add_image``, so the image goes
+    out as the IMAGE analytics record it would send (``nvflare.client.tracking.log``, TensorBoard syntax), which
+    the server's ``TBAnalyticsReceiver`` writes with ``add_image``."""
+    if writer is None:
+        return lambda tag, image, step: None
+    import numpy as np
+    from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
+    from nvflare.client.tracking import log
+
+    def log_image(tag: str, image: Any, step: int) -> None:
+        log(key=tag, value=np.asarray(image, dtype=np.float32), data_type=AnalyticsDataType.IMAGE,
+            global_step=int(step), writer=LogWriterName.TORCH_TB, ctx=writer.ctx)
+
+    return log_image
 
 
 def _summary_writer() -> Any:

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["job_data_problems", "finetune_data_problems", "job_data_notes"]
+__all__ = ["job_data_problems", "finetune_data_problems", "job_data_notes", "pretrain_dims_problems",
+           "pretrain_job_dims"]
 
 _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "finetune_cls": "finetune",
-             "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d"}
+             "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d",
+             "unet_inpaint_pretrain": "pretrain", "mae_vit_pretrain": "pretrain", "mae3d_pretrain": "pretrain"}
+
+#: pretraining jobs of registered methods: job -> (settings section of the method config, the job for 2D data, the
+#: job for 3D data)
+_PRETRAIN_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint_pretrain", "mae3d_pretrain"),
+                  "mae_vit_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain"),
+                  "mae3d_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain")}
 
 
 def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
@@ -20,7 +28,38 @@ def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) ->
         return finetune_data_problems(settings["trainer"]["task"], settings["model"], dl, job)
     if kind == "pretrain_2d":
         return _dims_problems(settings.get("model", {}), dl, job)
+    if kind == "pretrain":
+        return pretrain_dims_problems(job, settings, dl)
     return []
+
+
+def pretrain_job_dims(job: str, settings: dict[str, Any]) -> int:
+    """The image dimensionality (2 or 3) the pretraining job ``job`` trains on, from its merged settings."""
+    section = _PRETRAIN_JOBS[job][0]
+    cfg = settings.get(section, {})
+    if section == "unet_inpaint":
+        from fl_plugins.models.unet import UNET_DEFAULTS
+
+        return int({**UNET_DEFAULTS, **dict(cfg.get("unet") or {})}["spatial_dims"])
+    return int(cfg.get("spatial_dims", 2))
+
+
+def pretrain_dims_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
+    """2D/3D of a pretraining job against the datalist's images, with the job (or setting) that fits the data."""
+    from fl_plugins.data import data_geometry
+
+    geo, dims = data_geometry(dl), pretrain_job_dims(job, settings)
+    if geo.spatial_dims == dims:
+        return []
+    section, job_2d, job_3d = _PRETRAIN_JOBS[job]
+    fit = job_3d if geo.spatial_dims == 3 else job_2d
+    if fit == job:  # the job trains the other dimensionality because of a setting
+        key = f"{section}.unet.spatial_dims" if section == "unet_inpaint" else f"{section}.spatial_dims"
+        fix = f"--set {key}={geo.spatial_dims}"
+    else:
+        fix = f"use job {fit}"
+    return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} "
+            f"trains on {dims}D images: {fix}"]
 
 
 def finetune_data_problems(task: str, model: dict[str, Any], dl: dict[str, Any], job: str | None = None) -> list[str]:

@@ -87,6 +87,7 @@ class HandlerExecutor(Executor):
             datalist_path=str(datalist),
             workspace_dir=out_dir,
             log_scalar=self._log_scalar,
+            log_image=self._log_image,
         )
         t0 = time.perf_counter()
         self._handler = self.build_handler(self._site_ctx)
@@ -108,6 +109,20 @@ class HandlerExecutor(Executor):
         with self._engine.new_context() as fl_ctx:
             send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
 
+    def _log_image(self, tag: str, image: Any, step: int) -> None:
+        """Stream one image ``[C, H, W]`` float in [0, 1] to the server's TensorBoard (nvflare's IMAGE analytics
+        record: ``TBAnalyticsReceiver`` writes it with ``add_image``, PNG-encoded, beside the site's scalars)."""
+        if self._engine is None:
+            return
+        import numpy as np
+
+        dxo = create_analytic_dxo(
+            tag=tag, value=np.asarray(image, dtype=np.float32), data_type=AnalyticsDataType.IMAGE,
+            writer=LogWriterName.TORCH_TB, global_step=int(step),
+        )
+        with self._engine.new_context() as fl_ctx:
+            send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._handler is None:
             self.log_error(fl_ctx, f"refusing task {task_name!r}: {self._setup_error or 'the site failed to start'}")
@@ -120,6 +135,8 @@ class HandlerExecutor(Executor):
             model_in = FLModelUtils.from_shareable(shareable)
             t0 = time.perf_counter()
             model_out = fn(model_in)
+            if model_out.current_round is None:  # the round it answers: the server rejects another round's result
+                model_out.current_round = model_in.current_round
             self.log_info(fl_ctx, f"task {task_name!r} done in {time.perf_counter() - t0:.2f}s")
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)

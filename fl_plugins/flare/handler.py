@@ -34,6 +34,9 @@ class SiteContext:
     datalist_path: str
     workspace_dir: str  # a folder the site may write into (checkpoints, caches)
     log_scalar: Callable[[str, float, int], None] = field(default=lambda tag, value, step: None)
+    #: ``(tag, image, step)``: one image ``[C, H, W]`` (C = 1 or 3) float32 in [0, 1] for TensorBoard (the
+    #: executor and the Client API script stream it to the server's ``tb_events/<site>/``, as the scalars)
+    log_image: Callable[[str, np.ndarray, int], None] = field(default=lambda tag, image, step: None)
 
 
 class TaskHandler(Protocol):

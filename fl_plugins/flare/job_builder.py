@@ -24,7 +24,9 @@ from nvflare.job_config.api import FedJob
 
 from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
 from fl_plugins.flare.persistor import ConfigModelPersistor
+from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, check_norm_bound
 from fl_plugins.methods.dino_config import DINOConfig
+from fl_plugins.models.unet import UNET_DEFAULTS
 from fl_plugins.settings import merge_settings
 
 __all__ = ["FLSettings", "build_fedavg_job", "build_pretrain_job", "JOBS", "build_job", "export_jobs", "job_names",
@@ -40,8 +42,11 @@ QUANTIZATION_TYPES = (None, "float16", "blockwise8")
 #: Server workflows a job may name (``fl.controller``): "module:Class" of a ``ModelController`` taking
 #: ``num_clients``, ``num_rounds``, ``persistor_id``, ``task_check_period`` and ``aggregator``.
 CONTROLLERS: dict[str, str] = {"fedavg": "fl_plugins.flare.controllers:FedAvgWithFinalValidation"}
-#: Aggregators a job may name (``fl.aggregator``): nvflare ``ModelAggregator`` classes.
+#: Aggregators a job may name (``fl.aggregator``): nvflare ``ModelAggregator`` classes taking ``norm_bound`` and
+#: following the validation contract of fl_plugins.flare.aggregators (every result checked, see update_check).
 AGGREGATORS: dict[str, str] = {"weighted_average": "fl_plugins.flare.aggregators:WeightedAverage"}
+#: ``fl.*`` settings that may be set to null although their default is not (key -> default, for the type check).
+FL_NULLABLE: dict[str, Any] = {"update_norm_bound": DEFAULT_NORM_BOUND}
 
 
 def _load(ref: str) -> Any:
@@ -67,7 +72,11 @@ class FLSettings:
     inline_weights: bool = False
     seed: int = 0  # fixes the initial global model and every site's data order, augmentations and masks
     controller: str = "fedavg"  # a name in CONTROLLERS (the server workflow)
-    aggregator: str | None = None  # None: the controller's built-in weighted FedAvg; else a name in AGGREGATORS
+    aggregator: str | None = None  # None: "weighted_average" (what nvflare's FedAvg computes); else a name in AGGREGATORS
+    # reject a site's result whose update norm ||params - global|| exceeds this x the median of the other sites'
+    # (> 1; null = off); 10: honest sites stay within a few x, a poisoned/diverged update is orders larger
+    # (fl_plugins/flare/update_check.py)
+    update_norm_bound: float | None = DEFAULT_NORM_BOUND
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_TYPES:
@@ -86,6 +95,7 @@ class FLSettings:
             raise ValueError(f"aggregator must be null or one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
         if not 0 < self.task_check_period <= 60:
             raise ValueError(f"task_check_period must be in (0, 60] seconds, got {self.task_check_period}")
+        self.update_norm_bound = check_norm_bound(self.update_norm_bound, "fl.update_norm_bound")
 
 
 def build_fedavg_job(
@@ -126,7 +136,7 @@ def build_fedavg_job(
     tasks = list(handler_class(handler).TASKS)
     job = FedJob(name=name, min_clients=fl.min_clients)
     job.set_app_packages(["fl_plugins"])
-    aggregator = _load(AGGREGATORS[fl.aggregator])() if fl.aggregator else None
+    aggregator = _load(AGGREGATORS[fl.aggregator or "weighted_average"])(norm_bound=fl.update_norm_bound)
     controller = _load(CONTROLLERS[fl.controller])(
         num_clients=fl.min_clients,  # the minimum number of connected sites a round needs
         num_rounds=fl.num_rounds,
@@ -223,6 +233,10 @@ class JobSpec:
     #: settable keys beyond ``defaults``, per dotted sub-dict path (validated again by the method's config class)
     open_keys: dict[str, frozenset[str] | dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # every job: the fl.* settings that may be null (FL_NULLABLE)
+        fl = self.open_keys.get("fl", {})
+        self.open_keys = {**self.open_keys, "fl": {**FL_NULLABLE, **(fl if isinstance(fl, dict) else {})}}
+
 
 def _with_fl_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """Every FLSettings field is a known ``fl.*`` setting of every job (values: the job's, else FLSettings')."""
@@ -253,13 +267,15 @@ def _non_federated(model_cfg: dict[str, Any]) -> str:
     return non_federated_regex(build_model(cfg)) or NON_FEDERATED_BUFFERS
 
 
+_UNET_SETTINGS = dict(UNET_DEFAULTS)  # build_unet keyword defaults: the settable U-Net keys of finetune_seg_unet
 _SEG_TRAINER = {"lr": 1e-3, "batch_size": 8, "steps_per_round": 10}  # CPU quickstart size; raise for real runs
 _VIT = {"name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "in_chans": 1, "depth": 6}
 
 JOBS: dict[str, JobSpec] = {
     "finetune_seg_unet": JobSpec(
         name="finetune_seg_unet",
-        description="Segmentation fine-tuning, MONAI U-Net from scratch (the honest baseline), FedAvg",
+        description="Segmentation fine-tuning, MONAI U-Net from scratch (the honest baseline) or from a "
+        "unet_inpaint_pretrain export (--pretrained), FedAvg",
         defaults={
             "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": "val_dice"},
             "model": {"arch": "unet", "num_classes": 3},
@@ -268,6 +284,9 @@ JOBS: dict[str, JobSpec] = {
             "num_labelled_patients": None,
         },
         builder=_finetune_builder,
+        # model.pretrained: a unet_inpaint_pretrain export (flssl export-backbone), every tensor but the output
+        # block loads; the U-Net settings can be set (they must equal the pretraining job's unet_inpaint.unet)
+        open_keys={"model": {"pretrained": None, **{k: v for k, v in _UNET_SETTINGS.items() if k != "num_classes"}}},
     ),
     "finetune_seg_vit": JobSpec(
         name="finetune_seg_vit",
@@ -372,6 +391,8 @@ def build_pretrain_job(
     imports: list[str] | None = None,
     plugin_files: list[str] | None = None,
     client: str = "executor",
+    spatial_dims: int | None = None,
+    preview_every: int | None = None,
 ) -> FedJob:
     """A federated pretraining job of any registered method (a plugin's too): FedAvg of its federated state.
 
@@ -383,6 +404,8 @@ def build_pretrain_job(
         fl: ``FLSettings`` fields (validated).
         steps_per_round / knn_every / knn_max_items / views: :class:`~fl_plugins.flare.ssl_handler.SSLHandler`.
         client: ``"executor"`` or ``"client_api"`` (see :func:`build_fedavg_job`).
+        spatial_dims / preview_every: :class:`~fl_plugins.flare.ssl_handler.SSLHandler` arguments, passed only when
+            given (None: the handler's default).
     """
     from fl_plugins.methods import build, import_plugins
 
@@ -393,6 +416,10 @@ def build_pretrain_job(
     args = {"method": method, "config": dict(config), "steps_per_round": steps_per_round,
             "total_rounds": settings.num_rounds, "knn_every": knn_every, "knn_max_items": knn_max_items,
             "views": dict(views or {})}
+    if spatial_dims is not None:
+        args["spatial_dims"] = int(spatial_dims)
+    if preview_every is not None:
+        args["preview_every"] = int(preview_every)
     return build_fedavg_job(name, "ssl", args, settings, method=method, method_config=dict(config),
                             exclude_vars=exclude, imports=imports, client=client, plugin_files=plugin_files)
 
@@ -448,4 +475,111 @@ for _variant in ("dino", "dinov2"):
         # every DINOConfig field can be set (e.g. --set dino.lr=5e-4); DINOConfig validates the values; the same for
         # the training views' augmentation settings (e.g. --set views.intensity_prob=0.4), MultiCropConfig validates
         open_keys={"dino": _DINO_FIELDS, "views": VIEW_SETTING_FIELDS},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked image modelling jobs (generic SSLHandler, registered methods): the settings section is named after the
+# method (``--set unet_inpaint.mask_ratio=0.6``); every field of the method's config can be set, the config class
+# validates the values when the job is built.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _method_job_builder(method: str, section: str, spatial_dims_of: Callable[[dict[str, Any]], int]
+                        ) -> Callable[[str, dict[str, Any]], FedJob]:
+    """Builder of a pretraining job of the registered ``method`` whose config is the settings' ``section``."""
+
+    def builder(name: str, s: dict[str, Any]) -> FedJob:
+        fl = FLSettings(**s["fl"])
+        cfg = dict(s[section])
+        cfg.setdefault("seed", fl.seed)  # the job's seed (mixed with each site's name on the sites)
+        if cfg.get("total_steps") is None:  # the schedule horizon: every local step of the job
+            cfg["total_steps"] = s["steps_per_round"] * fl.num_rounds
+        try:
+            dims = spatial_dims_of(cfg)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{section} settings: {e}") from e
+        return build_pretrain_job(name, method, cfg, fl=dict(s["fl"]), steps_per_round=s["steps_per_round"],
+                                  knn_every=s.get("knn_every", 0), knn_max_items=s.get("knn_max_items", 256),
+                                  spatial_dims=dims, preview_every=s["preview_every"])
+
+    return builder
+
+
+def _unet_dims(cfg: dict[str, Any]) -> int:
+    return int({**UNET_DEFAULTS, **dict(cfg.get("unet") or {})}["spatial_dims"])
+
+
+def _inpaint_fields() -> tuple[dict[str, Any], dict[str, Any]]:
+    from fl_plugins.methods.unet_inpaint import InpaintConfig
+
+    return InpaintConfig().to_dict(), dict(UNET_DEFAULTS)
+
+
+_INPAINT_FIELDS, _UNET_FIELDS = _inpaint_fields()
+
+JOBS["unet_inpaint_pretrain"] = JobSpec(
+    name="unet_inpaint_pretrain",
+    description="Federated masked-inpainting pretraining of the whole finetune_seg_unet U-Net (de Mooij et al. "
+    "2024) on unlabelled images, FedAvg, ssl/preview images in TensorBoard; export-backbone -> finetune_seg_unet "
+    "--pretrained",
+    # CPU defaults: InpaintConfig's (64 px, 8 px patches, mask 0.75, the fine-tuning job's U-Net) but batch 16 (as
+    # dino_pretrain; a site needs at least batch_size training slices: the test sites have 24). GPU: --set
+    # unet_inpaint.image_size=256 --set unet_inpaint.patch_size=32 --set unet_inpaint.batch_size=128
+    # --set steps_per_round=100 --rounds 100 (fine-tune with the same image size and U-Net settings).
+    defaults={
+        "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": None},  # no k-NN monitor: a U-Net outputs images
+        "unet_inpaint": {"unet": {}, "image_size": 64, "patch_size": 8, "mask_ratio": 0.75, "batch_size": 16,
+                         "lr": 1e-3},
+        "steps_per_round": 5,
+        "preview_every": 1,
+    },
+    builder=_method_job_builder("unet_inpaint", "unet_inpaint", _unet_dims),
+    # every InpaintConfig field (e.g. --set unet_inpaint.loss=l1) and every U-Net setting
+    # (--set 'unet_inpaint.unet.channels=[8,16,32,64,128]'; the fine-tuning job's model must match)
+    open_keys={"unet_inpaint": _INPAINT_FIELDS, "unet_inpaint.unet": _UNET_FIELDS},
+)
+
+
+def _mae_dims(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("spatial_dims", 2))
+
+
+def _mae_fields() -> tuple[dict[str, Any], dict[str, Any]]:
+    from fl_plugins.methods.mae_config import MAEConfig
+    from fl_plugins.models.backbone import BackboneSpec
+
+    return MAEConfig().to_dict(), BackboneSpec().to_dict()
+
+
+_MAE_FIELDS, _BACKBONE_FIELDS = _mae_fields()
+_VIT3D = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "in_chans": 1, "depth": 6}
+
+for _job, _dims, _backbone, _what in (
+    ("mae_vit_pretrain", 2, dict(_VIT), "a 2D timm ViT on unlabelled images (or SimMIM: --set mae.variant=simmim); "
+     "export-backbone -> finetune_seg_vit / finetune_cls --pretrained"),
+    ("mae3d_pretrain", 3, dict(_VIT3D), "a 3D ViT (MONAI MaskedAutoEncoderViT, the ViT-tiny width) on unlabelled "
+     "volumes (3D MedMNIST, e.g. AdrenalMNIST3D); export-backbone -> a MONAI ViT state_dict (UNETR's vit.*)"),
+):
+    JOBS[_job] = JobSpec(
+        name=_job,
+        description=f"Federated MAE pretraining of {_what}; FedAvg, k-NN monitor, ssl/preview images",
+        # CPU defaults: MAEConfig's (mask 0.75, decoder 192-d x 2 blocks, LR by the MAE scaling rule) with the
+        # dino_pretrain ViT (64 px, patch 8, 6 blocks; 3D: 32^3 volumes, patch 8 = 64 tokens) and batch 16 (a site
+        # needs at least batch_size training images). GPU, 2D (MAE's ViT-B recipe): --set
+        # mae.backbone.name=vit_base_patch16_224 --set mae.backbone.img_size=224 --set mae.backbone.patch_size=16
+        # --set mae.backbone.depth=12 --set mae.decoder_dim=512 --set mae.decoder_depth=8 --set
+        # mae.decoder_heads=16 --set mae.norm_pix_loss=true --set mae.batch_size=128 --set steps_per_round=100
+        # --rounds 100; 3D: --set mae.backbone.img_size=64 --set mae.backbone.depth=12 --set mae.batch_size=64.
+        defaults={
+            "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": "knn_accuracy"},
+            "mae": {"variant": "mae", "spatial_dims": _dims, "backbone": _backbone, "batch_size": 16},
+            "steps_per_round": 5,
+            "knn_every": 1,
+            "knn_max_items": 256,
+            "preview_every": 1,
+        },
+        builder=_method_job_builder("mae", "mae", _mae_dims),
+        # every MAEConfig field (e.g. --set mae.mask_ratio=0.6 --set mae.lr=1e-3) and every backbone field
+        open_keys={"mae": _MAE_FIELDS, "mae.backbone": _BACKBONE_FIELDS},
     )

@@ -29,7 +29,8 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 from fl_plugins.flare.job_builder import build_job, job_names
 
 __all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
-           "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe"]
+           "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe", "UNetInpaintRecipe",
+           "MAEViTRecipe", "MAE3DRecipe"]
 
 
 class JobRecipe(Recipe):
@@ -103,10 +104,43 @@ class Dinov2Recipe(JobRecipe):
     JOB = "dinov2_pretrain"
 
 
+class UNetInpaintRecipe(JobRecipe):
+    """Federated masked-inpainting pretraining of the segmentation U-Net (its export starts ``finetune_seg_unet``).
+
+    CPU defaults (64 px, batch 16); GPU scale: ``{"unet_inpaint": {"image_size": 256, "patch_size": 32,
+    "batch_size": 128}, "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
+    """
+
+    JOB = "unet_inpaint_pretrain"
+
+
+class MAEViTRecipe(JobRecipe):
+    """Federated MAE (or SimMIM) pretraining of a 2D timm ViT (its export starts the ViT fine-tuning jobs).
+
+    CPU defaults (ViT-tiny width, 6 blocks, 64 px, patch 8, batch 16); GPU scale (MAE's ViT-B recipe):
+    ``{"mae": {"backbone": {"name": "vit_base_patch16_224", "img_size": 224, "patch_size": 16, "depth": 12},
+    "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16, "norm_pix_loss": True, "batch_size": 128},
+    "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
+    """
+
+    JOB = "mae_vit_pretrain"
+
+
+class MAE3DRecipe(JobRecipe):
+    """Federated MAE pretraining of a 3D ViT on volumes (MONAI ``MaskedAutoEncoderViT``; 3D MedMNIST datalists).
+
+    CPU defaults (32^3 volumes, patch 8, ViT-tiny width, 6 blocks, batch 16); GPU scale: ``{"mae": {"backbone":
+    {"img_size": 64, "depth": 12}, "batch_size": 64}, "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
+    """
+
+    JOB = "mae3d_pretrain"
+
+
 #: job name -> its Recipe class (every registered job has exactly one)
 RECIPES: dict[str, type[JobRecipe]] = {
     cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
-                             DinoRecipe, Dinov2Recipe)
+                             DinoRecipe, Dinov2Recipe, UNetInpaintRecipe,
+                             MAEViTRecipe, MAE3DRecipe)
 }
 
 

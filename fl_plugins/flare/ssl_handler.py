@@ -12,6 +12,14 @@ the data-loader and augmentation streams. Schedules are pure functions of the se
 Seeds: the job's ``seed`` (method config) plus a hash of the site name, so sites draw different augmentations and
 masks; the server's copy of the config keeps the job's seed, and the seed is never on the wire.
 
+Preview: for a method with ``preview(images, rng) -> {"input", "masked", "reconstruction"}`` (masked image
+modelling: ``unet_inpaint``, ``mae``), every ``preview_every`` rounds, after the local steps, the site logs one
+TensorBoard image ``ssl/preview`` (:attr:`SSLHandler.PREVIEW_TAG`): rows input / masked input / reconstruction of
+:attr:`SSLHandler.PREVIEW_IMAGES` images fixed when the site starts (spread over the first entries of its
+validation section, else training; volumes: their middle slice), each row min-max scaled, the mask drawn from a
+generator seeded with the site seed (the same masks every round). It travels as nvflare's IMAGE analytics record
+to the server's ``tb_events/<site>/`` (:attr:`SiteContext.log_image`).
+
 Monitor: every ``knn_every`` rounds a weighted k-NN (k=20, T=0.07; methods-spec 8.2) on the *received* global
 backbone's features. Labels need no annotation: for volumes the label of a slice is its position partition
 (:func:`fl_plugins.data.position_partition`), for 2D image datasets the image class. Bank = the site's training
@@ -25,12 +33,13 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
 from fl_plugins.flare.handler import MethodHandler, SiteContext
 
-__all__ = ["SSLHandler", "DinoHandler", "MODE_EXCLUDE_REGEX", "site_seed"]
+__all__ = ["SSLHandler", "DinoHandler", "MODE_EXCLUDE_REGEX", "site_seed", "preview_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +50,33 @@ MODE_EXCLUDE_REGEX = {"A": None, "B": r"^(teacher\.|buffers\.)", "C": r"^(studen
 def site_seed(seed: int, site_name: str) -> int:
     """The seed of a site's random streams: the job's ``seed`` + a stable hash of the site name."""
     return int(seed) + zlib.crc32(site_name.encode()) % 100_000
+
+
+def preview_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """One image ``[C, H', W']`` float32 in [0, 1] from rows of images ``[N, C, *spatial]`` (one row each).
+
+    Volumes ``[N, C, D, H, W]`` show their middle slice along D; images with other than 1 or 3 channels show
+    their first channel. Each row is min-max scaled on its own (a constant row becomes 0); tiles are separated
+    by ``pad`` white pixels.
+    """
+    tiles = []
+    for r in rows:
+        x = torch.nan_to_num(r.detach().float().cpu())  # a diverged model still gives a readable image
+        if x.dim() == 5:
+            x = x[:, :, x.shape[2] // 2]
+        if x.dim() != 4:
+            raise ValueError(f"preview rows are [N, C, H, W] or [N, C, D, H, W], got {tuple(r.shape)}")
+        if x.shape[1] not in (1, 3):
+            x = x[:, :1]
+        lo, hi = x.min(), x.max()
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+        tiles.append(x)
+    n, c, h, w = tiles[0].shape
+    out = torch.ones(c, len(tiles) * h + (len(tiles) - 1) * pad, n * w + (n - 1) * pad)
+    for i, x in enumerate(tiles):
+        for j in range(n):
+            out[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = x[j]
+    return out.numpy().astype(np.float32)
 
 
 class _Images:
@@ -76,9 +112,13 @@ class SSLHandler(MethodHandler):
         batch_size / image_size: default ``config["batch_size"]`` and the backbone's ``img_size`` (or
             ``config["image_size"]``).
         spatial_dims: the image dimensionality the method needs (2 or 3); None = any.
+        preview_every: log the ``ssl/preview`` image every N rounds, for methods with ``preview`` (0 = off).
     """
 
     LOSS_META_KEY = "ssl_loss"
+    #: TensorBoard tag and number of images (columns) of the masked-image-modelling preview
+    PREVIEW_TAG = "ssl/preview"
+    PREVIEW_IMAGES = 4
 
     def __init__(
         self,
@@ -94,6 +134,7 @@ class SSLHandler(MethodHandler):
         batch_size: int | None = None,
         image_size: int | None = None,
         spatial_dims: int | None = None,
+        preview_every: int = 1,
     ) -> None:
         from fl_plugins.data import build_dataset, data_geometry, load_datalist, validate_datalist
         from fl_plugins.engine.knn import knn_items
@@ -104,6 +145,8 @@ class SSLHandler(MethodHandler):
             raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
         if knn_every < 0:
             raise ValueError(f"knn_every must be >= 0 (0 = off), got {knn_every}")
+        if preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0 (0 = off), got {preview_every}")
         spec = get_spec(method)
         self.site = site
         cfg = dict(config)
@@ -125,7 +168,8 @@ class SSLHandler(MethodHandler):
         if batch < 1:
             raise ValueError(f"method {method!r}: set batch_size (handler argument or method config)")
         backbone_spec = getattr(mcfg, "backbone", None)
-        img = int(image_size or getattr(backbone_spec, "img_size", 0) or cfg.get("image_size", 0))
+        img = int(image_size or getattr(backbone_spec, "img_size", 0) or getattr(mcfg, "image_size", 0)
+                  or cfg.get("image_size", 0))
         if img < 1:
             raise ValueError(f"method {method!r}: set image_size (handler argument or method config)")
         # SSL uses every training image, labelled or not; labels are never read
@@ -149,8 +193,49 @@ class SSLHandler(MethodHandler):
                                  with_labels=True) if medmnist else train
             self.knn_train = knn_items(bank, knn_max_items, 0)
             self.knn_val = knn_items(val, knn_max_items, 1)
-        logger.info("site %s: %s, %d unlabelled training images, k-NN monitor %s", site.site_name, method, len(train),
-                    f"{len(self.knn_train)}/{len(self.knn_val)} items" if self.knn_val else "off")
+        self.preview_every = preview_every if callable(getattr(self.method, "preview", None)) else 0
+        self.preview_images = self._pick_preview_images(dl, img) if self.preview_every else None
+        logger.info("site %s: %s, %d unlabelled training images, k-NN monitor %s, preview %s", site.site_name, method,
+                    len(train), f"{len(self.knn_train)}/{len(self.knn_val)} items" if self.knn_val else "off",
+                    f"{self.PREVIEW_TAG} every {self.preview_every} round(s)" if self.preview_every else "off")
+
+    def _pick_preview_images(self, dl: dict[str, Any], img: int) -> torch.Tensor:
+        """The fixed preview images ``[N, C, *spatial]``: N items spread evenly over the dataset of the first N
+        entries of the validation section (else training), e.g. the middle slice of each of N volumes."""
+        from fl_plugins.data import build_dataset
+
+        n = self.PREVIEW_IMAGES
+        entries = (dl.get("validation") or dl["training"])[:n]
+        ds = build_dataset(dl, entries, image_size=img, with_labels=False)
+        idx = [int((i + 0.5) * len(ds) / n) for i in range(min(n, len(ds)))]
+        return torch.stack([torch.as_tensor(ds[i]["image"]) for i in idx])
+
+    def preview(self) -> np.ndarray:
+        """The ``ssl/preview`` image of the current model: ``[C, 3 H + 2 pad, N W + (N - 1) pad]`` in [0, 1]."""
+        if self.preview_images is None:
+            raise ValueError(f"site {self.site.site_name}: no preview (method without preview, or preview_every=0)")
+        was = self.method.training
+        self.method.eval()
+        try:
+            with torch.no_grad():
+                device = next(self.method.parameters()).device
+                rng = torch.Generator().manual_seed(self.seed)  # the same masks every round (CPU, as in training)
+                out = self.method.preview(self.preview_images.to(device), rng)
+        finally:
+            self.method.train(was)
+        return preview_grid([out["input"], out["masked"], out["reconstruction"]])
+
+    def log_round(self, stats: dict[str, Any], rnd: int) -> None:
+        self.log_stats(stats, rnd, prefix="ssl/")
+        if self.preview_every and rnd % self.preview_every == 0:
+            try:
+                image = self.preview()
+            except Exception as e:  # a monitor: never the reason a round fails; said once, then off
+                logger.warning("site %s: %s preview failed, turned off for this run: %s", self.site.site_name,
+                               self.PREVIEW_TAG, e)
+                self.preview_every = 0
+                return
+            self.site.log_image(self.PREVIEW_TAG, image, rnd)
 
     def monitor_due(self, rnd: int) -> bool:
         return bool(self.knn_every) and rnd % self.knn_every == 0
@@ -170,9 +255,6 @@ class SSLHandler(MethodHandler):
 
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + global_step) % (2**63))
         return run_local_steps(self.method, self.loader, self.optimizer, self.steps_per_round, global_step, rng=rng)
-
-    def log_round(self, stats: dict[str, Any], rnd: int) -> None:
-        self.log_stats(stats, rnd, prefix="ssl/")
 
 
 class DinoHandler(SSLHandler):

@@ -50,6 +50,31 @@ def test_3d_data_for_a_2d_job_is_named(tmp_path):
     assert "holds 3D images" in job_data_problems("dino_pretrain", job_settings("dino_pretrain"), dl)[0]
 
 
+@pytest.mark.parametrize("job", ["unet_inpaint_pretrain", "mae_vit_pretrain", "mae3d_pretrain"])
+def test_pretraining_jobs_refuse_data_of_the_other_dimensionality(tmp_path, synth_seg_data, job):
+    """A 2D pretraining job refuses 3D volumes and the 3D job refuses 2D images, naming the job, the datalist and
+    the job that fits."""
+    from fl_plugins.flare.job_builder import JOBS
+
+    if job not in JOBS:
+        pytest.skip(f"job {job} is not registered (its method is not in this tree yet)")
+    vol = load_datalist(_medmnist_site(tmp_path / "s3", np.zeros((6, 8, 28, 28), np.uint8)))
+    img = load_datalist(synth_seg_data / "site-1" / "datalist.json")
+    if job == "mae3d_pretrain":
+        (p,) = job_data_problems(job, job_settings(job), img)
+        assert p.startswith(f"datalist {img['datalist_path']!r} holds 2D images")
+        assert f"but job {job!r} trains on 3D images: use job mae_vit_pretrain" in p
+        assert job_data_problems(job, job_settings(job), vol) == []
+    else:
+        (p,) = job_data_problems(job, job_settings(job), vol)
+        assert p.startswith(f"datalist {vol['datalist_path']!r} holds 3D images") and "data.npz" in p
+        assert f"but job {job!r} trains on 2D images: use job mae3d_pretrain" in p
+        assert job_data_problems(job, job_settings(job), img) == []
+    if job == "unet_inpaint_pretrain":  # a 3D U-Net set by hand on 2D data: the setting is named
+        (p,) = job_data_problems(job, job_settings(job, {"unet_inpaint": {"unet": {"spatial_dims": 3}}}), img)
+        assert p.endswith("trains on 3D images: --set unet_inpaint.unet.spatial_dims=2")
+
+
 def test_task_and_class_count_mismatches_name_the_setting(synth_seg_data, synth_cls_data):
     seg = load_datalist(synth_seg_data / "site-1" / "datalist.json")
     (p,) = job_data_problems("finetune_cls", job_settings("finetune_cls"), seg)

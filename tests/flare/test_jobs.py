@@ -13,6 +13,9 @@ from fl_plugins.flare.sim_workspace import write_sim_local
 from fl_plugins.flare.site_setup import site_class_allow_list
 
 REPO = Path(__file__).resolve().parents[2]
+#: pretraining jobs of registered methods through the generic SSL handler: job -> (method, settings section)
+METHOD_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint"), "mae_vit_pretrain": ("mae", "mae"),
+               "mae3d_pretrain": ("mae", "mae")}
 
 
 def _paths(node) -> list[str]:
@@ -60,11 +63,18 @@ def test_job_server_config(exported, name):
     if name.startswith("finetune"):
         assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
         assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
+    elif name in METHOD_JOBS:  # the registered method; exactly its site-kept keys are excluded
+        from fl_plugins.flare.job_builder import non_federated_regex_of
+        from fl_plugins.methods import build
+
+        args = comps["persistor"]["args"]
+        assert args["method"] == METHOD_JOBS[name][0] and "model_config" not in args
+        assert args.get("exclude_regex") == non_federated_regex_of(build(args["method"], args["method_config"]))
     else:  # DINO: the global model is the registered method "dino"; mode A federates every key (nothing excluded)
         args = comps["persistor"]["args"]
         assert args["method"] == "dino" and args["method_config"]["federation_mode"] == "A"
         assert "exclude_regex" not in args and "model_config" not in args
-    assert wf["args"]["key_metric"] == JOBS[name].defaults["fl"]["key_metric"]
+    assert wf["args"].get("key_metric") == JOBS[name].defaults["fl"]["key_metric"]
 
 
 @pytest.mark.parametrize("name", job_names())
@@ -77,10 +87,15 @@ def test_job_client_config(exported, name):
     if name.startswith("finetune"):
         assert args["handler"] == "finetune" and args["handler_args"]["model"] == JOBS[name].defaults["model"]
     else:
-        assert args["handler"] == "dino"
         server = json.loads((exported / name / "app" / "config" / "config_fed_server.json").read_text())
         persistor = next(c for c in server["components"] if c["id"] == "persistor")
-        assert args["handler_args"]["dino"] == persistor["args"]["method_config"]  # one config, both sides
+        if name in METHOD_JOBS:  # the generic SSL handler of the registered method
+            assert args["handler"] == "ssl" and args["handler_args"]["method"] == persistor["args"]["method"]
+            assert args["handler_args"]["config"] == persistor["args"]["method_config"]  # one config, both sides
+            assert args["handler_args"]["spatial_dims"] in (2, 3) and args["handler_args"]["preview_every"] == 1
+        else:
+            assert args["handler"] == "dino"
+            assert args["handler_args"]["dino"] == persistor["args"]["method_config"]  # one config, both sides
     assert [c["path"] for c in cfg["components"]] == ["nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent"]
 
 
@@ -213,3 +228,40 @@ def test_view_settings_reach_the_executor(name):
 def test_bad_view_settings_are_named_when_the_job_is_built(views, match):
     with pytest.raises(ValueError, match=match):
         build_job("dino_pretrain", {"views": views})
+
+
+def _client_ssl(job) -> dict:
+    """The generic SSL handler's arguments as exported in the client config."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        job.export_job(d)
+        cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
+    (exe,) = [e["executor"] for e in cfg["executors"]]
+    assert exe["args"]["handler"] == "ssl"
+    return exe["args"]["handler_args"]
+
+
+def test_unet_inpaint_settings_reach_the_executor_and_bad_ones_are_named():
+    args = _client_ssl(build_job("unet_inpaint_pretrain"))
+    assert args["method"] == "unet_inpaint" and args["spatial_dims"] == 2 and args["knn_every"] == 0
+    assert args["config"]["total_steps"] == 2 * 5 and args["config"]["seed"] == 0  # rounds x steps, the job's seed
+    args = _client_ssl(build_job("unet_inpaint_pretrain", {"unet_inpaint": {"loss": "l1", "unet": {
+        "channels": [8, 16, 32], "strides": [2, 2]}}, "preview_every": 0, "fl": {"seed": 3}}))
+    assert args["config"]["loss"] == "l1" and args["config"]["unet"]["channels"] == [8, 16, 32]
+    assert args["preview_every"] == 0 and args["config"]["seed"] == 3
+    with pytest.raises(ValueError, match=r"unknown job setting 'unet_inpaint\.mask'; known: \[.*'mask_ratio'"):
+        job_settings("unet_inpaint_pretrain", {"unet_inpaint": {"mask": 0.5}})
+    with pytest.raises(ValueError, match=r"unknown job setting 'unet_inpaint\.unet\.chanels'"):
+        job_settings("unet_inpaint_pretrain", {"unet_inpaint": {"unet": {"chanels": [8]}}})
+    with pytest.raises(ValueError, match=r"unet_inpaint setting 'loss'='huber': must be 'mse' or 'l1'"):
+        build_job("unet_inpaint_pretrain", {"unet_inpaint": {"loss": "huber"}})
+
+
+def test_finetune_seg_unet_takes_a_pretrained_unet_and_its_settings():
+    s = job_settings("finetune_seg_unet", {"model": {"pretrained": "/x/unet.pt", "channels": [8, 16, 32],
+                                                     "strides": [2, 2]}})
+    assert s["model"] == {"arch": "unet", "num_classes": 3, "pretrained": "/x/unet.pt", "channels": [8, 16, 32],
+                          "strides": [2, 2]}
+    with pytest.raises(ValueError, match=r"unknown job setting 'model\.backbone'"):
+        job_settings("finetune_seg_unet", {"model": {"backbone": {}}})

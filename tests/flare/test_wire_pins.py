@@ -31,7 +31,32 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("dino_pretrain_mode_B", "dino_pretrain", {"steps_per_round": 1, "dino": {"federation_mode": "B"}}, "seg"),
     ("dino_pretrain_mode_C", "dino_pretrain", {"steps_per_round": 1, "dino": {"federation_mode": "C"}}, "seg"),
     ("dinov2_pretrain", "dinov2_pretrain", {"steps_per_round": 1}, "seg"),
+    ("unet_inpaint_pretrain", "unet_inpaint_pretrain", {"steps_per_round": 1, "unet_inpaint": {"batch_size": 8}},
+     "seg"),
+    ("mae_vit_pretrain", "mae_vit_pretrain", {"steps_per_round": 1}, "seg"),
+    ("mae3d_pretrain", "mae3d_pretrain", {"steps_per_round": 1}, "vol"),
 ]
+
+
+def write_volumes(root: Path, n: int = 24) -> Path:
+    """One site of 3D MedMNIST-format volumes ``[n, 28, 28, 28]`` (2 classes): ``<root>/site-1/datalist.json``."""
+    site = root / "site-1"
+    site.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 2).reshape(-1, 1)
+    np.savez(site / "vol.npz", **{f"{s}_images": images for s in ("train", "val", "test")},
+             **{f"{s}_labels": labels for s in ("train", "val", "test")})
+    entries = lambda split, k: [{"npz": "vol.npz", "split": split, "index": i, "label": int(labels[i, 0])}  # noqa: E731
+                                for i in range(k)]
+    dl = {"format": "medmnist", "task": "classification", "num_classes": 2, "modality_preset": "unit",
+          "training": entries("train", n), "validation": entries("val", 8), "test": entries("test", 4)}
+    (site / "datalist.json").write_text(json.dumps(dl))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth_vol_data(tmp_path_factory) -> Path:
+    return write_volumes(tmp_path_factory.mktemp("synth_vol"))
 
 
 def _load(path: str) -> Any:
@@ -80,14 +105,15 @@ def observe(job: str, overrides: dict[str, Any], datalist: Path, tmp: Path) -> d
     return out
 
 
-def _datalist(kind: str, seg: Path, cls: Path) -> Path:
-    return (seg if kind == "seg" else cls) / "site-1" / "datalist.json"
+def _datalist(kind: str, seg: Path, cls: Path, vol: Path | None = None) -> Path:
+    return {"seg": seg, "cls": cls, "vol": vol}[kind] / "site-1" / "datalist.json"
 
 
 @pytest.mark.parametrize("case,job,overrides,data", CASES, ids=[c[0] for c in CASES])
-def test_wire_contract_pinned(case, job, overrides, data, synth_seg_data, synth_cls_data, tmp_path):
+def test_wire_contract_pinned(case, job, overrides, data, synth_seg_data, synth_cls_data, request, tmp_path):
     pinned = json.loads(PINS.read_text())[case]
-    seen = observe(job, overrides, _datalist(data, synth_seg_data, synth_cls_data), tmp_path)
+    vol = request.getfixturevalue("synth_vol_data") if data == "vol" else None
+    seen = observe(job, overrides, _datalist(data, synth_seg_data, synth_cls_data, vol), tmp_path)
     for part in pinned:
         assert seen[part] == pinned[part], f"{case}: the wire contract of {part!r} changed"
     assert set(seen) == set(pinned)
@@ -105,10 +131,11 @@ if __name__ == "__main__":  # deliberate regeneration of the pins
         generate_synthetic_segmentation(root / "seg", num_sites=2, volumes_per_site=4, num_slices=12, size=64,
                                         num_classes=3, seed=0)
         generate_synthetic_multitask(root / "cls", class_counts=(2, 2), images_per_site=60, size=28, seed=0)
+        write_volumes(root / "vol")
         pins = {}
         for case, job, overrides, data in CASES:
             tmp = root / "run" / case
             tmp.mkdir(parents=True)
-            pins[case] = observe(job, overrides, _datalist(data, root / "seg", root / "cls"), tmp)
+            pins[case] = observe(job, overrides, _datalist(data, root / "seg", root / "cls", root / "vol"), tmp)
             print(case, {k: len(v) if isinstance(v, dict) else v for k, v in pins[case]["train"].items()})
         PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
