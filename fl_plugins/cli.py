@@ -47,11 +47,15 @@ def cmd_split(a: argparse.Namespace) -> int:
     from fl_plugins.data import split_decathlon, split_medmnist
 
     src = Path(a.dataset)
+    if getattr(a, "volumes", False) and src.suffix == ".npz":
+        raise CLIError("--volumes reads a Decathlon dataset's volumes whole (3D); a MedMNIST .npz holds 2D images or "
+                       "3D volumes already: leave --volumes out")
     if src.suffix == ".npz":
         paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, rgb=a.rgb)
     elif src.suffix == ".json" or src.is_dir():
         paths = split_decathlon(
             src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset,
+            volumes=bool(getattr(a, "volumes", False)),
             **{k: v for k, v in (("val_fraction", a.val_fraction), ("test_fraction", a.test_fraction)) if v is not None},
         )
     else:
@@ -484,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="mr", help="modality preset written to the datalists (mr, ct, unit)")
     s.add_argument("--rgb", action="store_true",
                    help="MedMNIST: keep RGB images as 3 channels (default: converted to one grey channel)")
+    s.add_argument("--volumes", action="store_true",
+                   help="Decathlon: read whole 3D volumes (datalist 'volumes': true, for mae3d_pretrain) instead of "
+                        "2D slices")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=None,
                    help="Decathlon: share of each site's training patients carved as validation when the dataset "

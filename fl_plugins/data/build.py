@@ -1,4 +1,4 @@
-"""Build the right torch dataset for a datalist (Decathlon slices or MedMNIST images)."""
+"""Build the right torch dataset for a datalist (Decathlon slices or volumes, MedMNIST images)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from fl_plugins.data.decathlon import SliceDataset
+from fl_plugins.data.decathlon import SliceDataset, VolumeDataset
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.medmnist import MedMNISTDataset
 
@@ -23,21 +23,30 @@ def build_dataset(
     """Dataset over ``entries`` of a loaded datalist ``dl``.
 
     * ``decathlon`` + ``segmentation``: :class:`SliceDataset` (2D slices, ``dl["modality_preset"]``), items
-      ``image [1, S, S]``, ``label [S, S]``;
+      ``image [1, S, S]``, ``label [S, S]``; with the datalist field ``"volumes": true`` (``flssl split
+      --volumes``) :class:`VolumeDataset` instead, one item per volume fitted into a cube (aspect kept, MONAI
+      ``Resize`` + ``SpatialPad``), ``image [1, S, S, S]``, ``label [S, S, S]`` -- the data of 3D methods
+      (``mae3d_pretrain``). The mode is a datalist field, not an argument, so that ``data_geometry`` (and with it
+      ``flssl check-data --job``, the simulate pre-flight and the handlers' checks) sees the same 2D/3D answer as
+      every dataset built from the datalist;
     * ``medmnist`` + ``classification``: :class:`MedMNISTDataset`, items ``image [1, H, W]`` / ``[1, D, H, W]``
       (``[3, H, W]`` when the datalist says ``"rgb": true``), ``label`` scalar.
 
     Args:
         dl: a datalist from :func:`load_datalist`.
         entries: the entries to use (a section, or the labelled part of one).
-        image_size: slice / image side ``S`` (None: MedMNIST native size; slices need a size, default 64).
+        image_size: slice / image / volume side ``S`` (None: MedMNIST and volumes native size; slices need a size,
+            default 64).
         with_labels: include labels (every entry must then have one).
-        cache: keep decoded volumes in memory (slices).
+        cache: keep decoded (resized) volumes in memory (slices and volumes).
 
     Raises:
         DataError: unsupported format/task combination.
     """
     fmt, task = dl.get("format"), dl.get("task")
+    if fmt == "decathlon" and task == "segmentation" and dl.get("volumes"):
+        return VolumeDataset(entries, preset=dl.get("modality_preset", "unit"), image_size=image_size,
+                             with_labels=with_labels, cache=cache)
     if fmt == "decathlon" and task == "segmentation":
         return SliceDataset(entries, preset=dl.get("modality_preset", "unit"), image_size=image_size or 64,
                             with_labels=with_labels, cache=cache)

@@ -86,7 +86,8 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
     Returns:
         The datalist dict with ``validation``/``test`` defaulting to ``[]``, ``modality_preset`` defaulted when
         absent (MedMNIST: ``"unit"``; else from ``modality``; else an error) with ``modality_preset_reason`` and a
-        logged warning, every entry's ``image``/``label``/``npz`` made absolute, every training entry's ``labelled``
+        logged warning, ``volumes`` (optional, Decathlon only: true = items are whole 3D volumes, not 2D slices)
+        checked to be a bool, every entry's ``image``/``label``/``npz`` made absolute, every training entry's ``labelled``
         filled in (default: it has a ``label``), and ``datalist_path`` (absolute path of the file) added.
 
     Raises:
@@ -130,6 +131,10 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
     if "rgb" in dl and (not isinstance(dl["rgb"], bool) or (dl["rgb"] and dl["format"] != "medmnist")):
         raise DataError(f"datalist {name!r}: field 'rgb' = {dl['rgb']!r}: must be true or false, and true only for "
                         "format 'medmnist' (keeps RGB images as 3 channels)")
+    if "volumes" in dl and (not isinstance(dl["volumes"], bool) or (dl["volumes"] and dl["format"] != "decathlon")):
+        raise DataError(f"datalist {name!r}: field 'volumes' = {dl['volumes']!r}: must be true or false, and true only "
+                        "for format 'decathlon' (reads whole 3D volumes instead of 2D slices; 'flssl split "
+                        "--volumes' writes it)")
     if dl["modality_preset"] not in PRESETS:
         raise DataError(f"datalist {name!r}: field 'modality_preset' = {dl['modality_preset']!r}, "
                         f"expected one of {sorted(PRESETS)}")

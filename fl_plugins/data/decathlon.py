@@ -2,7 +2,10 @@
 
 Item formats are those of ``docs/contracts.md``. Slices are taken along the LAST array axis (ACDC's short-axis
 slice index), each volume is normalised as a whole by its modality preset first, then every slice is zero-padded
-to a square (centred) and resized to ``image_size x image_size``.
+to a square (centred) and resized to ``image_size x image_size``. Whole volumes (a datalist with ``"volumes":
+true``, for 3D methods) are normalised the same way and fitted into an ``image_size^3`` cube by MONAI's ``Resize``
+and ``SpatialPad`` (:func:`resize_volume`). Both read the files with the same nibabel reader
+(:mod:`fl_plugins.data.nifti`), so a slice of a volume item is the matching slice item's voxels before resizing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from fl_plugins.data.errors import DataError
 from fl_plugins.data.nifti import nifti_stem, read_image, read_label, read_shape
 from fl_plugins.data.presets import get_preset
 
-__all__ = ["SliceDataset", "VolumeDataset", "slices_by_volume", "pad_to_square", "resize_slices", "volume_id_of"]
+__all__ = ["SliceDataset", "VolumeDataset", "slices_by_volume", "pad_to_square", "resize_slices", "resize_volume",
+           "volume_id_of"]
 
 
 def volume_id_of(entry: dict[str, Any]) -> str:
@@ -160,17 +164,54 @@ class SliceDataset(Dataset):
         return item
 
 
-class VolumeDataset(Dataset):
-    """Whole 3D volumes at their native size.
+def resize_volume(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fit a volume into an ``S x S x S`` cube, aspect kept, with MONAI transforms.
 
-    Item: ``image`` float32 ``[1, H, W, D]``, ``label`` int64 ``[H, W, D]`` (only with ``with_labels``),
-    ``volume_id`` str.
+    ``Resize(size_mode="longest")`` scales the longest side to ``S`` and the others by the same factor (images
+    trilinear with MONAI's Gaussian anti-aliasing when shrinking; labels ``nearest-exact``: class ids kept, no
+    half-voxel shift), then ``SpatialPad(method="symmetric")`` zero-pads the short sides to ``S``, content centred
+    (the 3D version of the slice reader's pad-to-square + resize). Axes keep the file's order ``(H, W, D)``; voxel
+    spacing is not used (as for slices).
+
+    Args:
+        image: float32 ``[H, W, D]`` (already normalised: the zero padding is background, as for slices).
+        label: int ``[H, W, D]`` or None.
+        size: output side ``S``.
+
+    Returns:
+        image float32 ``[1, S, S, S]``; label int64 ``[S, S, S]`` or None.
+    """
+    from monai.transforms import Resize, SpatialPad  # lazily: importing MONAI takes seconds (see presets)
+
+    pad = SpatialPad(spatial_size=(size,) * 3, method="symmetric", mode="constant")
+
+    def fit(x: np.ndarray, mode: str) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]  # [1, H, W, D]
+        if max(t.shape[1:]) != size:
+            t = Resize(spatial_size=size, size_mode="longest", mode=mode, anti_aliasing=mode == "trilinear",
+                       align_corners=False if mode == "trilinear" else None)(t)
+        t = pad(t)
+        return (t.as_tensor() if hasattr(t, "as_tensor") else t).contiguous()  # MetaTensor -> plain tensor
+
+    img = fit(image, "trilinear").float()
+    lab = fit(label, "nearest-exact")[0].round().long() if label is not None else None
+    return img, lab
+
+
+class VolumeDataset(Dataset):
+    """Whole 3D volumes, at their native size or fitted into an ``S^3`` cube (the datalist's ``"volumes": true``).
+
+    Item: ``image`` float32 ``[1, H, W, D]`` (native) or ``[1, S, S, S]`` (``image_size=S``, see
+    :func:`resize_volume`: aspect kept, zero-padded), ``label`` int64 ``[H, W, D]`` / ``[S, S, S]`` (only with
+    ``with_labels``), ``volume_id`` str. Each volume is normalised as a whole by its modality preset first, as
+    for slices.
 
     Args:
         entries: datalist entries with absolute ``image`` (and ``label``) paths.
         preset: modality preset name, applied per volume.
+        image_size: output side ``S`` (None: native size; volumes of different sizes then do not batch).
         with_labels: return labels; then every entry must have a ``label``.
-        cache: keep loaded volumes in memory.
+        cache: keep loaded (resized) volumes in memory (a 32^3 volume is 128 KiB).
         preset_kwargs: parameters of the preset.
     """
 
@@ -181,32 +222,50 @@ class VolumeDataset(Dataset):
         with_labels: bool = True,
         cache: bool = False,
         preset_kwargs: dict[str, float] | None = None,
+        image_size: int | None = None,
     ) -> None:
+        if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
+                                       or image_size < 1):
+            raise DataError(f"VolumeDataset: image_size must be a positive integer or None, got {image_size!r}")
         self.entries = _check_entries(entries, with_labels, "VolumeDataset")
         self.normalise = get_preset(preset, **(preset_kwargs or {}))
+        self.preset = preset
+        self.image_size = image_size
         self.with_labels = with_labels
         self.cache = cache
+        self.volume_ids = _unique_ids([volume_id_of(e) for e in self.entries])
         self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i in self._cache:
-            return dict(self._cache[i])
+    def _load(self, i: int) -> dict[str, Any]:
         e = self.entries[i]
         image = self.normalise(read_image(e["image"]))
-        item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image))[None],
-                                "volume_id": volume_id_of(e)}
+        label = None
         if self.with_labels:
             label = read_label(e["label"])
             if label.shape != image.shape:
                 raise DataError(f"image {e['image']!r} has shape {image.shape} but label {e['label']!r} has shape "
                                 f"{label.shape}")
-            item["label"] = torch.from_numpy(label)
+        if self.image_size is None:
+            img = torch.from_numpy(np.ascontiguousarray(image))[None]
+            lab = torch.from_numpy(label) if label is not None else None
+        else:
+            img, lab = resize_volume(image, label, self.image_size)
+        item: dict[str, Any] = {"image": img, "volume_id": self.volume_ids[i]}
+        if lab is not None:
+            item["label"] = lab
+        return item
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i in self._cache:  # copies: a consumer may change its item in place
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._cache[i].items()}
+        item = self._load(i)
         if self.cache:
             self._cache[i] = item
-        return dict(item)
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        return item
 
 
 def slices_by_volume(dataset: SliceDataset | Sequence[dict[str, Any]]) -> dict[str, list[int]]:

@@ -48,11 +48,15 @@ def npz_array_shape(path: str | Path, key: str) -> tuple[int, ...]:
 def data_geometry(dl: dict[str, Any]) -> DataGeometry:
     """The geometry of a loaded datalist's training images (``load_datalist`` output).
 
-    Decathlon segmentation data is read as 2D slices (1 channel). A MedMNIST file is 2D grey ``[N, H, W]``, 2D RGB
-    ``[N, H, W, 3]`` or 3D ``[N, D, H, W]``.
+    Decathlon segmentation data is read as 2D slices (1 channel), or as 3D volumes when the datalist says
+    ``"volumes": true`` (``flssl split --volumes``; the source then names that field, so a message can say what to
+    change). A MedMNIST file is 2D grey ``[N, H, W]``, 2D RGB ``[N, H, W, 3]`` or 3D ``[N, D, H, W]``.
     """
     if dl["format"] != "medmnist":
-        return DataGeometry(spatial_dims=2, file_channels=1, source=str(dl.get("datalist_path", "?")))
+        path = str(dl.get("datalist_path", "?"))
+        if dl.get("volumes"):
+            return DataGeometry(spatial_dims=3, file_channels=1, source=f"{path}, \"volumes\": true")
+        return DataGeometry(spatial_dims=2, file_channels=1, source=path)
     entries = dl["training"] or dl.get("validation") or dl.get("test") or []
     if not entries:
         raise DataError(f"datalist {dl.get('datalist_path')!r} has no entries to read the image geometry from")

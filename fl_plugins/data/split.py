@@ -126,6 +126,7 @@ def split_decathlon(
     use_predefined_sections: bool = True,
     modality_preset: str = "mr",
     dataset_name: str | None = None,
+    volumes: bool = False,
 ) -> list[Path]:
     """Split a Decathlon dataset into ``num_sites`` sites, patients never straddling sites.
 
@@ -145,6 +146,8 @@ def split_decathlon(
             every labelled entry and carves all three sections per site.
         modality_preset: preset written to the datalists (``"mr"`` default: MR datasets; see ``presets``).
         dataset_name: ``dataset`` field of the datalists (default: the dataset.json ``name``, lower case).
+        volumes: write ``"volumes": true``: the data layer then yields whole 3D volumes (fitted into a cube) instead
+            of 2D slices, for 3D methods (``mae3d_pretrain``); False writes no such field.
 
     Returns:
         The site datalist paths, ``site-1`` first.
@@ -244,6 +247,7 @@ def split_decathlon(
             "site": site,
             "seed": int(seed),
             "source": str(src),
+            **({"volumes": True} if volumes else {}),
             **dl_sections,
         }
         paths.append(write_datalist(dl, out / site / DATALIST_NAME))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["job_data_problems", "finetune_data_problems", "job_data_notes", "pretrain_dims_problems",
-           "pretrain_job_dims"]
+           "pretrain_job_dims", "decathlon_mode_fix"]
 
 _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "finetune_cls": "finetune",
              "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d",
@@ -19,6 +19,18 @@ _JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "f
 _PRETRAIN_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint_pretrain", "mae3d_pretrain"),
                   "mae_vit_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain"),
                   "mae3d_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain")}
+
+
+def decathlon_mode_fix(dl: dict[str, Any], data_dims: int) -> str:
+    """The data-side fix when a Decathlon datalist read as ``data_dims``-D items does not fit a job: the datalist
+    field ``"volumes"`` (written by ``flssl split --volumes``) switches between 2D slices and whole 3D volumes.
+    Empty for other formats (their dimensionality is the files')."""
+    if dl.get("format") != "decathlon":
+        return ""
+    if data_dims == 3:
+        return ('read its volumes as 2D slices instead: remove "volumes": true from the datalist (or split again '
+                'without --volumes)')
+    return 'read its volumes whole (3D) instead: split with flssl split --volumes (datalist field "volumes": true)'
 
 
 def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
@@ -58,6 +70,8 @@ def pretrain_dims_problems(job: str, settings: dict[str, Any], dl: dict[str, Any
         fix = f"--set {key}={geo.spatial_dims}"
     else:
         fix = f"use job {fit}"
+        if decathlon_mode_fix(dl, geo.spatial_dims):
+            fix += f", or {decathlon_mode_fix(dl, geo.spatial_dims)}"
     return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} "
             f"trains on {dims}D images: {fix}"]
 
@@ -101,6 +115,9 @@ def _dims_problems(model: dict[str, Any], dl: dict[str, Any], job: str | None) -
             else "3D data is not supported by this job"
     else:
         fix = "--set model.spatial_dims=2"
+    if decathlon_mode_fix(dl, geo.spatial_dims):
+        fix = (f"{fix}: {decathlon_mode_fix(dl, geo.spatial_dims)}" if fix.endswith("not supported by this job")
+               else f"{fix}, or {decathlon_mode_fix(dl, geo.spatial_dims)}")
     who = f"job {job!r}" if job else "the job"
     return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but {who} trains "
             f"a {model_dims}D model: {fix}"]

@@ -23,7 +23,8 @@ to the server's ``tb_events/<site>/`` (:attr:`SiteContext.log_image`).
 Monitor: every ``knn_every`` rounds a weighted k-NN (k=20, T=0.07; methods-spec 8.2) on the *received* global
 backbone's features. Labels need no annotation: for volumes the label of a slice is its position partition
 (:func:`fl_plugins.data.position_partition`), for 2D image datasets the image class. Bank = the site's training
-images, queries = its validation images.
+images, queries = its validation images. Whole Decathlon volumes (datalist ``"volumes": true``) have no such
+label: the monitor is off for them.
 """
 
 from __future__ import annotations
@@ -158,8 +159,11 @@ class SSLHandler(MethodHandler):
         validate_datalist(dl, sections=("training",), deep=True)
         geo = data_geometry(dl)
         if spatial_dims is not None and geo.spatial_dims != spatial_dims:
+            from fl_plugins.flare.data_check import decathlon_mode_fix
+
+            fix = decathlon_mode_fix(dl, geo.spatial_dims)
             raise ValueError(f"datalist {site.datalist_path} holds {geo.spatial_dims}D images ({geo.source}); method "
-                             f"{method!r} trains on {spatial_dims}D images")
+                             f"{method!r} trains on {spatial_dims}D images" + (f": {fix}" if fix else ""))
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         self.method = spec.builder(cfg)
@@ -186,7 +190,12 @@ class SSLHandler(MethodHandler):
         self.knn_every = knn_every
         self.knn_train: list[dict] = []
         self.knn_val: list[dict] = []
-        if knn_every and dl.get("validation"):
+        if knn_every and dl["format"] == "decathlon" and dl.get("volumes"):
+            # a whole volume has no annotation-free k-NN label (a slice has its position partition)
+            logger.warning("site %s: k-NN monitor off: whole Decathlon volumes (\"volumes\": true) carry no label "
+                           "for it, so no knn_accuracy and no best model: the result is the last round's global "
+                           "model (--set knn_every=0 skips this warning)", site.site_name)
+        elif knn_every and dl.get("validation"):
             medmnist = dl["format"] == "medmnist"
             val = build_dataset(dl, dl["validation"], image_size=img, with_labels=medmnist)
             bank = build_dataset(dl, [e for e in dl["training"] if "label" in e], image_size=img,
