@@ -15,6 +15,17 @@ __all__ = [
     "META_CLIENT_NAME",
     "META_CURRENT_ROUND",
     "META_TOTAL_ROUNDS",
+    "TASK_REPORT_TASK",
+    "TASK_STAGE_FINETUNE",
+    "META_STAGE",
+    "META_NUM_STAGES",
+    "META_HEAD_SHAPE",
+    "META_EVALUATE",
+    "META_NUM_CLASSES",
+    "META_SPATIAL_DIMS",
+    "META_N_SAMPLES",
+    "META_N_VAL",
+    "META_TASK_NAME",
 ]
 
 # -- task names (the server sends them; a handler declares which it handles) -----------------------------------------
@@ -30,3 +41,23 @@ META_CLIENT_NAME = "client_name"
 #: nvflare ``FLMetaKey.CURRENT_ROUND`` / ``FLMetaKey.TOTAL_ROUNDS``.
 META_CURRENT_ROUND = "current_round"
 META_TOTAL_ROUNDS = "total_rounds"
+
+# -- stage-wise fine-tuning (MedUniverse: fl_plugins.flare.stagewise / stage_handler) ----------------------------------
+#: server -> site, no params; the site answers with its task in ``meta`` (the META_* keys below, no params)
+TASK_REPORT_TASK = "report_task"
+#: server -> site: the stage's base backbone (``backbone.*`` keys only) + ``meta`` stage / head shape; the site answers
+#: with its fine-tuned backbone (the same keys, never its head) and its sample count as the aggregation weight
+TASK_STAGE_FINETUNE = "stage_finetune"
+#: the stage index (also sent as ``FLModel.current_round``, which the result echoes)
+META_STAGE = "stage"
+META_NUM_STAGES = "num_stages"
+#: ``[num_classes, embed_dim]``: the site's head (kept on the site) maps the backbone's embedding to its classes
+META_HEAD_SHAPE = "head_shape"
+#: whether the site evaluates the received base with its own head before fine-tuning (``FLModel.metrics``)
+META_EVALUATE = "evaluate"
+#: the site's task, reported in ``report_task`` and echoed in each ``stage_finetune`` result
+META_NUM_CLASSES = "num_classes"
+META_SPATIAL_DIMS = "spatial_dims"
+META_N_SAMPLES = "n_samples"
+META_N_VAL = "n_val"
+META_TASK_NAME = "task_name"

@@ -15,6 +15,7 @@ HANDLERS: dict[str, str] = {
     "finetune": "fl_plugins.flare.finetune_handler:FinetuneHandler",
     "ssl": "fl_plugins.flare.ssl_handler:SSLHandler",
     "dino": "fl_plugins.flare.ssl_handler:DinoHandler",
+    "stagewise": "fl_plugins.flare.stage_handler:StagewiseHandler",
 }
 
 

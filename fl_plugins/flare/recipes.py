@@ -30,7 +30,7 @@ from fl_plugins.flare.job_builder import build_job, job_names
 
 __all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
            "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe", "UNetInpaintRecipe",
-           "MAEViTRecipe", "MAE3DRecipe"]
+           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe"]
 
 
 class JobRecipe(Recipe):
@@ -136,11 +136,23 @@ class MAE3DRecipe(JobRecipe):
     JOB = "mae3d_pretrain"
 
 
+class MedUniverseStagewiseRecipe(JobRecipe):
+    """Stage-wise federated fine-tuning (MedUniverse): one ViT backbone improved stage by stage by sites with different
+    classification tasks (2D or 3D); heads stay on the sites.
+
+    E.g. ``MedUniverseStagewiseRecipe({"model": {"pretrained": "/abs/mae_backbone.pt"}, "stagewise": {"num_stages": 3,
+    "k_per_stage": 4, "weighting": "samples"}, "fl": {"min_clients": 4}}, datalist="sites/{site}/datalist.json")``;
+    the base of every stage is kept in the server's ``app_server/stage_<s>_base.pt`` (see fl_plugins.flare.stagewise).
+    """
+
+    JOB = "meduniverse_stagewise"
+
+
 #: job name -> its Recipe class (every registered job has exactly one)
 RECIPES: dict[str, type[JobRecipe]] = {
     cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
                              DinoRecipe, Dinov2Recipe, UNetInpaintRecipe,
-                             MAEViTRecipe, MAE3DRecipe)
+                             MAEViTRecipe, MAE3DRecipe, MedUniverseStagewiseRecipe)
 }
 
 

@@ -145,7 +145,7 @@ def expected_tb_folder(job_dir: Path) -> str | None:
 #: job-name pattern -> (generator in fl_plugins.data, kwargs); the first match wins. Extend for new jobs.
 #: (Same sizes as the project-wide synth_seg_data / synth_cls_data fixtures in tests/conftest.py.)
 JOB_DATA: list[tuple[str, str, dict[str, Any]]] = [
-    (r"cls|class", "generate_synthetic_multitask",
+    (r"cls|class|meduniverse", "generate_synthetic_multitask",  # classification sites (stage-wise: 2 tasks)
      {"class_counts": (2, 2), "images_per_site": 60, "size": 28, "seed": 0}),
     (r".*", "generate_synthetic_segmentation",  # segmentation fine-tuning and DINO/DINOv2 pretraining (slices)
      {"num_sites": 2, "volumes_per_site": 4, "num_slices": 12, "size": 64, "num_classes": 3, "seed": 0}),
@@ -223,14 +223,15 @@ def np_fedavg_job(
 
 
 def shrunk_job_copy(job_dir: Path, dst: Path, steps: int = SHRINK_STEPS) -> tuple[Path, list[str]]:
-    """Copy a job folder, lowering every client-side ``steps_per_round`` to ``steps``; returns (copy, changes)."""
+    """Copy a job folder, lowering every client-side ``steps_per_round`` (stage-wise jobs: ``steps_per_stage``) to
+    ``steps``; returns (copy, changes)."""
     shutil.copytree(job_dir, dst)
     changes: list[str] = []
 
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "steps_per_round" and isinstance(v, int) and v > steps:
+                if k in ("steps_per_round", "steps_per_stage") and isinstance(v, int) and v > steps:
                     node[k] = steps
                     changes.append(f"{where}.{k}: {v} -> {steps}")
                 else:
