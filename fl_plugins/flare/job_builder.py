@@ -559,7 +559,7 @@ for _job, _dims, _backbone, _what in (
     ("mae_vit_pretrain", 2, dict(_VIT), "a 2D timm ViT on unlabelled images (or SimMIM: --set mae.variant=simmim); "
      "export-backbone -> finetune_seg_vit / finetune_cls --pretrained"),
     ("mae3d_pretrain", 3, dict(_VIT3D), "a 3D ViT (MONAI MaskedAutoEncoderViT, the ViT-tiny width) on unlabelled "
-     "volumes (3D MedMNIST, e.g. AdrenalMNIST3D); export-backbone -> a MONAI ViT state_dict (UNETR's vit.*)"),
+     "volumes (3D MedMNIST, e.g. AdrenalMNIST3D, or Decathlon data split with --volumes); export-backbone -> a MONAI ViT state_dict (UNETR's vit.*)"),
 ):
     JOBS[_job] = JobSpec(
         name=_job,

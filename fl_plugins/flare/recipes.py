@@ -127,7 +127,7 @@ class MAEViTRecipe(JobRecipe):
 
 
 class MAE3DRecipe(JobRecipe):
-    """Federated MAE pretraining of a 3D ViT on volumes (MONAI ``MaskedAutoEncoderViT``; 3D MedMNIST datalists).
+    """Federated MAE pretraining of a 3D ViT on volumes (MONAI ``MaskedAutoEncoderViT``; 3D MedMNIST datalists or Decathlon datalists with "volumes": true).
 
     CPU defaults (32^3 volumes, patch 8, ViT-tiny width, 6 blocks, batch 16); GPU scale: ``{"mae": {"backbone":
     {"img_size": 64, "depth": 12}, "batch_size": 64}, "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
