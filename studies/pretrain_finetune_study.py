@@ -246,7 +246,32 @@ def merge(a: argparse.Namespace) -> int:
         raise SystemExit(f"duplicate (arm, seed) runs in {a.inputs}")
     atomic_write_json({"parts": parts, "runs": runs, "summary": summarize(runs)}, Path(a.out), indent=1)
     print(json.dumps(summarize(runs), indent=1))
+    print(markdown(runs))
     return 0
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """Per-seed table (test score, best round / rounds run per arm) and the summary lines, as Markdown."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    lines = ["| seed | labelled patients (per site) | pretrained: test | best round / run | random: test | "
+             "best round / run | difference |", "|---|---|---|---|---|---|---|"]
+    for s in seeds:
+        p, q = by.get(("pretrained", s)), by.get(("random", s))
+        lab = (p or q or {}).get("labelled_patients", {})
+        cells = [str(s), "; ".join(f"{k}: {', '.join(v)}" for k, v in lab.items())]
+        for r in (p, q):
+            cells += ([f"{r['test_score']:.3f}", f"{r['best_round']} / {r['rounds_run']}"] if r else ["-", "-"])
+        cells.append(f"{p['test_score'] - q['test_score']:+.3f}" if p and q else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    sm = summarize(runs)
+    for arm, v in sm["arms"].items():
+        lines.append(f"\n{arm}: mean {v['mean']:.3f}, sd {v['sd']:.3f}, range {v['min']:.3f}-{v['max']:.3f} (n={v['n']})")
+    d = sm.get("paired_pretrained_minus_random")
+    if d and d.get("n", 0) >= 2:
+        lines.append(f"\npaired pretrained - random: mean {d['mean']:+.3f}, sd {d['sd']:.3f}, 95 % CI "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {d['positive']} of {d['n']} positive")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
