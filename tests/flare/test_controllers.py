@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nvflare.apis.client import Client
 from nvflare.apis.controller_spec import Task, TaskCompletionStatus
 from nvflare.apis.fl_constant import FLContextKey
-from nvflare.apis.fl_context import FLContext, FLContextManager
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.workflows.model_controller import ModelController
@@ -25,30 +24,9 @@ from fl_plugins.flare.controllers import (
     SiteLiveness,
     plain_metrics,
 )
+from tests.flare.fake_engine import FakeEngine
 
 SITES = ["site-1", "site-2", "site-3"]
-
-
-class FakeEngine:
-    """What the controller and ``WFCommServer`` use of the server engine: job participants, contexts, events."""
-
-    def __init__(self, sites: list[str]) -> None:
-        self.clients = [Client(s, f"token-{s}") for s in sites]
-        self.handlers: list = []
-        self._ctx = FLContextManager(engine=self, identity_name="server", job_id="job")
-
-    def get_clients(self) -> list[Client]:
-        return list(self.clients)
-
-    def client(self, name: str) -> Client:
-        return next(c for c in self.clients if c.name == name)
-
-    def new_context(self) -> FLContext:
-        return self._ctx.new_context()
-
-    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        for h in self.handlers:
-            h.handle_event(event_type, fl_ctx)
 
 
 def _system(deliver_events: bool = True, **kwargs) -> tuple[FedAvgWithFinalValidation, WFCommServer, FakeEngine]:

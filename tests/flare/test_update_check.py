@@ -11,9 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from nvflare.apis.client import Client
-from nvflare.apis.fl_constant import FLContextKey
-from nvflare.apis.fl_context import FLContext, FLContextManager
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -26,6 +24,7 @@ from fl_plugins.flare.controllers import SERVER_TB_EVENT, FedAvgWithFinalValidat
 from fl_plugins.flare.inprocess import fedavg, run_fedavg
 from fl_plugins.flare.update_check import REASONS, UpdateCheck, norm_outliers
 from fl_plugins.wire import META_CLIENT_NAME, META_CURRENT_ROUND, META_NUM_STEPS
+from tests.flare.fake_engine import FakeEngine
 
 ROUND = 3
 WEIGHTS = {"site-1": 10, "site-2": 30, "site-3": 60}
@@ -302,36 +301,12 @@ def test_job_setting_out_of_range_names_the_setting_and_value(value):
 # ------------------------------------------------------------------------------------------------ controller
 
 
-class _Engine:
-    """What the controller and nvflare's ``WFCommServer`` use of the server engine (as in test_controllers.py)."""
-
-    def __init__(self, sites: list[str]) -> None:
-        self.clients = [Client(s, f"token-{s}") for s in sites]
-        self.handlers: list = []
-        self.events: list[tuple[str, object]] = []
-        self._ctx = FLContextManager(engine=self, identity_name="server", job_id="job")
-
-    def get_clients(self) -> list[Client]:
-        return list(self.clients)
-
-    def client(self, name: str) -> Client:
-        return next(c for c in self.clients if c.name == name)
-
-    def new_context(self) -> FLContext:
-        return self._ctx.new_context()
-
-    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        self.events.append((event_type, fl_ctx.get_prop(FLContextKey.EVENT_DATA)))
-        for h in self.handlers:
-            h.handle_event(event_type, fl_ctx)
-
-
 def test_controller_sets_the_expectation_leaves_out_rejected_results_and_reports_them(caplog):
     from nvflare.apis.analytix import AnalyticsData
     from nvflare.apis.dxo import from_shareable
 
     sites = list(WEIGHTS) + ["site-9"]
-    engine = _Engine(sites)
+    engine = FakeEngine(sites)
     ctrl = FedAvgWithFinalValidation(num_rounds=5, num_clients=2)  # no aggregator given: a validating one
     assert isinstance(ctrl.aggregator, WeightedAverage) and ctrl.aggregator.norm_bound == 10.0
     comm = WFCommServer()
@@ -373,7 +348,7 @@ def test_controller_sets_the_expectation_leaves_out_rejected_results_and_reports
 
 
 def test_controller_rejects_nothing_when_all_sites_are_honest_and_writes_zero():
-    engine = _Engine(list(WEIGHTS))
+    engine = FakeEngine(list(WEIGHTS))
     ctrl = FedAvgWithFinalValidation(num_rounds=5, num_clients=2)
     ctrl.engine = engine
     ctrl.fl_ctx = engine.new_context()
