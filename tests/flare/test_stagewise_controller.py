@@ -22,9 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.client import Client
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
-from nvflare.apis.fl_context import FLContext, FLContextManager
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.impl.wf_comm_server import WFCommServer
 from nvflare.apis.shareable import make_reply
 from nvflare.apis.signal import Signal
@@ -45,34 +43,12 @@ from fl_plugins.wire import (
     TASK_STAGE_FINETUNE,
     TASK_VALIDATE,
 )
+from tests.flare.fake_engine import FakeEngine
 
 D = 4  # embedding width of the fake base (backbone.cls_token [1, 1, D])
 BASE = {"backbone.cls_token": np.zeros((1, 1, D), np.float32), "backbone.norm.weight": np.ones(D, np.float32),
         "backbone.blocks.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
 CLASSES = {"site-1": 2, "site-2": 3, "site-3": 5, "site-4": 2}
-
-
-class FakeEngine:
-    """What the controller and ``WFCommServer`` use of the server engine: job participants, contexts, events."""
-
-    def __init__(self, sites: list[str], app_root: Path) -> None:
-        self.clients = [Client(s, f"token-{s}") for s in sites]
-        self.handlers: list = []
-        self._ctx = FLContextManager(engine=self, identity_name="server", job_id="job",
-                                     public_stickers={FLContextKey.APP_ROOT: str(app_root)})
-
-    def get_clients(self) -> list[Client]:
-        return list(self.clients)
-
-    def client(self, name: str) -> Client:
-        return next(c for c in self.clients if c.name == name)
-
-    def new_context(self) -> FLContext:
-        return self._ctx.new_context()
-
-    def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        for h in self.handlers:
-            h.handle_event(event_type, fl_ctx)
 
 
 #: a site's behaviour: (site, task name, received model) -> its answer, "error" (an execution error) or None (holds
