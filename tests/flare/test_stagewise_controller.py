@@ -52,7 +52,7 @@ CLASSES = {"site-1": 2, "site-2": 3, "site-3": 5, "site-4": 2}
 
 
 #: a site's behaviour: (site, task name, received model) -> its answer, "error" (an execution error) or None (holds
-#: the task and never answers)
+#: the task and never answers: the site stays busy with it until the server drops it, see :meth:`Run.go`)
 Behaviour = Callable[[str, str, FLModel], Any]
 
 
@@ -117,27 +117,37 @@ class Run:
 
         t = threading.Thread(target=target, daemon=True)
         t.start()
-        held: set[str] = set()
+        # site -> id of the task it holds. As FLARE's ClientRunner, a site runs one task at a time and asks for the
+        # next one only when done with it; a held task is given up once the server no longer knows it (the task check
+        # answers TASK_UNKNOWN: cancelled or timed out). A site never asks again for a task it holds: nvflare 2.9.0
+        # then re-adds the resent ClientTask to task.client_tasks when another standing task follows it, and its task
+        # monitor fails with a KeyError when the task exits (WFCommServer._do_process_task_request / _do_check_tasks).
+        held: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while t.is_alive() and time.monotonic() < deadline:
             for c in self.engine.clients:
                 if c.name in self.dead:
                     continue
+                if c.name in held:
+                    with self.engine.new_context() as ctx:
+                        if self.comm.process_task_check(held[c.name], ctx) is not None:
+                            continue  # still busy with it
+                    del held[c.name]
                 with self.engine.new_context() as ctx:
                     name, task_id, data = self.comm.process_task_request(c, ctx)
-                if not name or task_id in held:
+                if not name:
                     continue
                 model = FLModelUtils.from_shareable(data)
                 self.received.append((c.name, name, model))
                 reply = act(c.name, name, model)
                 if reply is None:
-                    held.add(task_id)
+                    held[c.name] = task_id
                     continue
                 shareable = make_reply(ReturnCode.EXECUTION_EXCEPTION) if isinstance(reply, str) else \
                     FLModelUtils.to_shareable(reply)
                 with self.engine.new_context() as ctx:
                     self.comm.process_submission(c, name, task_id, shareable, ctx)
-            self.comm._do_check_tasks()
+            self.comm.check_tasks()  # what FLARE's task monitor thread does (under the controller lock)
             time.sleep(0.002)
         t.join(1.0)
         assert not t.is_alive(), "the controller did not finish"
