@@ -43,25 +43,43 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+_CSV_OPTIONS = ("task", "image_column", "label_column", "mask_column", "patient_column", "num_classes")
+
+
 def cmd_split(a: argparse.Namespace) -> int:
-    from fl_plugins.data import split_decathlon, split_medmnist
+    from fl_plugins.data import split_decathlon, split_images_csv, split_medmnist
 
     src = Path(a.dataset)
-    if getattr(a, "volumes", False) and src.suffix == ".npz":
+    suffix = src.suffix.lower()
+    if getattr(a, "volumes", False) and suffix in (".npz", ".csv"):
         raise CLIError("--volumes reads a Decathlon dataset's volumes whole (3D); a MedMNIST .npz holds 2D images or "
-                       "3D volumes already: leave --volumes out")
-    if src.suffix == ".npz":
+                       "3D volumes already, a CSV lists 2D images: leave --volumes out")
+    given = [f"--{k.replace('_', '-')}" for k in _CSV_OPTIONS if getattr(a, k, None) is not None]
+    if given and suffix != ".csv":
+        raise CLIError(f"{', '.join(given)}: options of a CSV of labels (--dataset labels.csv), not of "
+                       f"{str(src)!r}")
+    fractions = {k: v for k, v in (("val_fraction", a.val_fraction), ("test_fraction", a.test_fraction))
+                 if v is not None}
+    if suffix == ".npz":
+        if a.eval_only:
+            raise CLIError("--eval-only: a MedMNIST .npz has its own test split (every site gets a part of it)")
         paths = split_medmnist(src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, rgb=a.rgb)
-    elif src.suffix == ".json" or src.is_dir():
+    elif suffix == ".csv":
+        task = a.task or ("segmentation" if a.mask_column else "classification" if a.label_column else None)
+        paths = split_images_csv(
+            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, task=task,
+            image_column=a.image_column or "image", label_column=a.label_column or "label",
+            mask_column=a.mask_column or "mask", patient_column=a.patient_column, num_classes=a.num_classes,
+            rgb=a.rgb, modality_preset=a.preset or "unit", eval_only=a.eval_only, **fractions,
+        )
+    elif suffix == ".json" or src.is_dir():
         paths = split_decathlon(
-            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset,
-            volumes=bool(getattr(a, "volumes", False)),
-            **{k: v for k, v in (("val_fraction", a.val_fraction), ("test_fraction", a.test_fraction)) if v is not None},
+            src, a.out, num_sites=a.sites, seed=a.seed, labelled_per_site=a.labelled, modality_preset=a.preset or "mr",
+            volumes=bool(getattr(a, "volumes", False)), eval_only=a.eval_only, **fractions,
         )
     else:
-        raise CLIError(f"--dataset {str(src)!r}: flssl split reads a Decathlon dataset.json or a MedMNIST .npz; "
-                       f"{src.suffix or 'this'} files (e.g. an image folder with a CSV of labels) are not supported "
-                       "yet: write a Decathlon dataset.json listing the images (docs/contracts.md)")
+        raise CLIError(f"--dataset {str(src)!r}: flssl split reads a Decathlon dataset.json, a MedMNIST .npz or a "
+                       f"CSV of labels (.csv) listing PNG/JPEG images; {src.suffix or 'this'} files are not supported")
     print(f"wrote {len(paths)} site datalists:")
     for p in paths:
         print(f"  {p}")
@@ -72,21 +90,28 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def _refuse_dataset_description(p: Path) -> None:
-    """A Decathlon ``dataset.json`` (a dataset description) given where a site datalist belongs: say what to run."""
+    """A Decathlon ``dataset.json`` (a dataset description) or a CSV of labels given where a site datalist belongs:
+    say what to run."""
+    if p.suffix.lower() == ".csv":
+        raise CLIError(f"{str(p)!r} is a CSV of labels, not a site datalist: run 'flssl split --dataset {p} "
+                       "--out <dir> --sites N' first, then check-data <dir>")
     try:
         obj = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return  # load_datalist names the problem
-    if isinstance(obj, dict) and "format" not in obj and "training" in obj and ("labels" in obj or "modality" in obj):
+    if (isinstance(obj, dict) and "format" not in obj and ("training" in obj or "test" in obj)
+            and ("labels" in obj or "modality" in obj)):
         raise CLIError(f"{str(p)!r} is a dataset description (Decathlon dataset.json), not a site datalist: run "
                        f"'flssl split --dataset {p} --out <dir> --sites N' first, then check-data <dir>")
 
 
 def _check_datalists(paths: list[Path], sections: tuple[str, ...], job: str | None = None,
                      settings: dict[str, Any] | None = None, fit_error: str = "the data does not fit the job",
-                     on_ok: Any = None) -> None:
+                     on_ok: Any = None, present_only: bool = False) -> None:
     """Load and deep-check each datalist and, for a ready job, that the data fits it; print what the data layer does
-    to the images (once per note); raise one error listing every misfit. ``on_ok(path, dl)`` after each file."""
+    to the images (once per note); raise one error listing every misfit. ``on_ok(path, dl)`` after each file.
+    ``present_only``: of ``sections`` check ``training`` (unless the datalist is evaluation-only) and the non-empty
+    others, noting the empty ones."""
     from fl_plugins.data import load_datalist, validate_datalist
     from fl_plugins.flare.data_check import job_data_notes, job_data_problems
 
@@ -95,7 +120,20 @@ def _check_datalists(paths: list[Path], sections: tuple[str, ...], job: str | No
     for p in paths:
         _refuse_dataset_description(p)
         dl = load_datalist(p)
-        validate_datalist(dl, sections=sections, deep=True)
+        secs = sections
+        if present_only:
+            secs = tuple(s for s in sections if dl.get(s) or (s == "training" and not dl.get("eval_only")))
+            for s in sections:
+                if s not in secs and s != "training" and not dl.get("eval_only"):
+                    note = (f"section {s!r} is empty in some datalists" + (": fine-tuning jobs validate on it"
+                                                                          if s == "validation" else ""))
+                    if note not in notes:
+                        notes.append(note)
+            note = ('evaluation-only datalists ("eval_only": true): for flssl evaluate --split test; no job trains '
+                    'on them')
+            if dl.get("eval_only") and note not in notes:
+                notes.append(note)
+        validate_datalist(dl, sections=secs, deep=True)
         if job is not None and settings is not None:
             problems += job_data_problems(job, settings, dl)
         notes += [n for n in job_data_notes(dl) if n not in notes]
@@ -123,7 +161,7 @@ def cmd_check_data(a: argparse.Namespace) -> int:
         print(f"OK {p}: {n}, intensity preset {preset}")
 
     _check_datalists(_datalists(a.datalist), ("training", "validation", "test"), a.job, settings,
-                     f"the data does not fit job {a.job!r}", on_ok=ok)
+                     f"the data does not fit job {a.job!r}", on_ok=ok, present_only=not a.job)
     return 0
 
 
@@ -480,23 +518,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser("split", help="split a real dataset (Decathlon dataset.json or MedMNIST .npz) into N sites")
-    s.add_argument("--dataset", required=True, help="path to dataset.json (Decathlon layout) or a MedMNIST .npz")
+    s = sub.add_parser("split", help="split a real dataset (Decathlon dataset.json, MedMNIST .npz, or PNG/JPEG "
+                       "images listed by a CSV of labels) into N sites")
+    s.add_argument("--dataset", required=True, help="path to dataset.json (Decathlon layout), a MedMNIST .npz, or a "
+                   ".csv listing PNG/JPEG images (paths relative to the CSV) with a label or a mask per row")
     s.add_argument("--out", required=True)
     s.add_argument("--sites", type=int, required=True)
     s.add_argument("--labelled", type=int, default=None, help="labelled patients per site kept for fine-tuning")
-    s.add_argument("--preset", default="mr", help="modality preset written to the datalists (mr, ct, unit)")
+    s.add_argument("--preset", default=None, help="modality preset written to the datalists (mr, ct, unit; default: "
+                   "mr for a Decathlon dataset, unit for a CSV)")
     s.add_argument("--rgb", action="store_true",
-                   help="MedMNIST: keep RGB images as 3 channels (default: converted to one grey channel)")
+                   help="MedMNIST / CSV: keep RGB images as 3 channels (default: converted to one grey channel)")
+    s.add_argument("--eval-only", action="store_true",
+                   help="Decathlon / CSV: every case to the sites' test sections (datalist 'eval_only': true), for "
+                        "flssl evaluate; automatic for a dataset.json with no training cases")
+    s.add_argument("--task", choices=["classification", "segmentation"], default=None,
+                   help="CSV: default segmentation when it has the mask column, else classification")
+    s.add_argument("--image-column", default=None, help="CSV: column of the image paths (default: image)")
+    s.add_argument("--label-column", default=None, help="CSV: column of the class labels, integer ids or names "
+                   "(default: label)")
+    s.add_argument("--mask-column", default=None, help="CSV: column of the mask image paths, pixel values = class "
+                   "indices (default: mask)")
+    s.add_argument("--patient-column", default=None, help="CSV: column of the patient ids; a patient's images stay on "
+                   "one site (default: patient, when present; else split by image)")
+    s.add_argument("--num-classes", type=int, default=None, help="CSV: number of classes (default: from the labels / "
+                   "masks)")
     s.add_argument("--volumes", action="store_true",
                    help="Decathlon: read whole 3D volumes (datalist 'volumes': true, for mae3d_pretrain) instead of "
                         "2D slices")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=None,
-                   help="Decathlon: share of each site's training patients carved as validation when the dataset "
-                        "has no validation section (0 = none; default 0.1)")
+                   help="Decathlon / CSV: share of each site's training patients carved as validation when the "
+                        "dataset has no validation section (0 = none; default 0.1)")
     s.add_argument("--test-fraction", type=float, default=None,
-                   help="Decathlon: the same for the test section (0 = none; default 0.2)")
+                   help="Decathlon / CSV: the same for the test section (0 = none; default 0.2)")
     s.set_defaults(fn=cmd_split)
 
     s = sub.add_parser("check-data", help="validate site datalists and their files (NIfTI readable, labels, shapes)")

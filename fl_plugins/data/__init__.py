@@ -1,5 +1,6 @@
-"""One data layer: Decathlon/NIfTI volumes, MedMNIST ``.npz`` files, synthetic phantoms, site splits and the
-site-config contract (see ``docs/contracts.md``). No FLARE imports here: everything is testable without FLARE.
+"""One data layer: Decathlon/NIfTI volumes, MedMNIST ``.npz`` files, PNG/JPEG folders with a CSV of labels,
+synthetic phantoms, site splits and the site-config contract (see ``docs/contracts.md``). No FLARE imports here:
+everything is testable without FLARE.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from fl_plugins.data.datalist import labelled_entries, load_datalist, validate_d
 from fl_plugins.data.decathlon import SliceDataset, VolumeDataset, slices_by_volume
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.geometry import DataGeometry, data_geometry
+from fl_plugins.data.images import ImageDataset
 from fl_plugins.data.medmnist import MedMNISTDataset
 from fl_plugins.data.partition import position_partition
 from fl_plugins.data.presets import PRESETS, get_preset
 from fl_plugins.data.site_config import resolve_datalist, write_site_config
-from fl_plugins.data.split import split_decathlon, split_medmnist
+from fl_plugins.data.split import split_decathlon, split_images_csv, split_medmnist
 from fl_plugins.data.synthetic import generate_synthetic_multitask, generate_synthetic_segmentation
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "generate_synthetic_multitask",
     "split_decathlon",
     "split_medmnist",
+    "split_images_csv",
+    "ImageDataset",
     "resolve_datalist",
     "write_site_config",
 ]

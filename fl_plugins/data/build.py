@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from fl_plugins.data.decathlon import SliceDataset, VolumeDataset
 from fl_plugins.data.errors import DataError
+from fl_plugins.data.images import ImageDataset
 from fl_plugins.data.medmnist import MedMNISTDataset
 
 __all__ = ["build_dataset", "build_split_datasets"]
@@ -30,13 +31,17 @@ def build_dataset(
       ``flssl check-data --job``, the simulate pre-flight and the handlers' checks) sees the same 2D/3D answer as
       every dataset built from the datalist;
     * ``medmnist`` + ``classification``: :class:`MedMNISTDataset`, items ``image [1, H, W]`` / ``[1, D, H, W]``
-      (``[3, H, W]`` when the datalist says ``"rgb": true``), ``label`` scalar.
+      (``[3, H, W]`` when the datalist says ``"rgb": true``), ``label`` scalar;
+    * ``images`` (PNG/JPEG files from a labels CSV, ``flssl split --dataset labels.csv``): :class:`ImageDataset`,
+      classification items ``image [C, S, S]`` + ``label`` scalar, segmentation items as 2D slices (``image [C, S,
+      S]``, ``label [S, S]``, ``volume_id`` = the image's id, ``slice_index`` 0, ``num_slices`` 1); ``C`` = 3 with
+      ``"rgb": true``, else 1; normalised by ``dl["modality_preset"]`` (``unit``).
 
     Args:
         dl: a datalist from :func:`load_datalist`.
         entries: the entries to use (a section, or the labelled part of one).
-        image_size: slice / image / volume side ``S`` (None: MedMNIST and volumes native size; slices need a size,
-            default 64).
+        image_size: slice / image / volume side ``S`` (None: MedMNIST, PNG/JPEG images and volumes native size; slices
+            need a size, default 64).
         with_labels: include labels (every entry must then have one).
         cache: keep decoded (resized) volumes in memory (slices and volumes).
 
@@ -52,8 +57,12 @@ def build_dataset(
                             with_labels=with_labels, cache=cache)
     if fmt == "medmnist" and task == "classification":
         return MedMNISTDataset(entries, with_labels=with_labels, image_size=image_size, keep_rgb=bool(dl.get("rgb")))
+    if fmt == "images" and task in ("classification", "segmentation"):
+        return ImageDataset(entries, task=task, preset=dl.get("modality_preset", "unit"), image_size=image_size,
+                            with_labels=with_labels, keep_rgb=bool(dl.get("rgb")), cache=cache)
     raise DataError(f"datalist {dl.get('datalist_path', '<datalist>')!r}: no dataset for format={fmt!r} with "
-                    f"task={task!r} (supported: decathlon/segmentation, medmnist/classification)")
+                    f"task={task!r} (supported: decathlon/segmentation, medmnist/classification, "
+                    "images/classification, images/segmentation)")
 
 
 def build_split_datasets(

@@ -34,7 +34,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATALIST_NAME = "datalist.json"  # <data folder>/<site>/datalist.json, written by `flssl synth` / `flssl split`
-FORMATS = ("decathlon", "medmnist")
+FORMATS = ("decathlon", "medmnist", "images")  # images: PNG/JPEG files listed by a CSV (flssl split)
 TASKS = ("segmentation", "classification")
 SECTIONS = ("training", "validation", "test")
 MEDMNIST_SPLITS = ("train", "val", "test")
@@ -64,6 +64,8 @@ def _default_preset(dl: dict[str, Any], name: str) -> tuple[str, str]:
     datalist's ``modality`` (a name, or Decathlon's ``{"0": "MRI"}``); with neither, the user must choose."""
     if dl["format"] == "medmnist":
         return "unit", "MedMNIST images are 8-bit: scaled to [0, 1]"
+    if dl["format"] == "images":
+        return "unit", "PNG/JPEG images: min-max scaled to [0, 1] per image"
     modality = dl.get("modality")
     if isinstance(modality, dict):
         modality = next(iter(modality.values()), None)
@@ -128,9 +130,14 @@ def load_datalist(path: str | Path) -> dict[str, Any]:
         dl["modality_preset"] = preset
         dl["modality_preset_reason"] = reason
         logger.warning("datalist %s: no 'modality_preset'; using %r (%s)", name, preset, reason)
-    if "rgb" in dl and (not isinstance(dl["rgb"], bool) or (dl["rgb"] and dl["format"] != "medmnist")):
+    if "rgb" in dl and (not isinstance(dl["rgb"], bool) or (dl["rgb"] and dl["format"] not in ("medmnist", "images"))):
         raise DataError(f"datalist {name!r}: field 'rgb' = {dl['rgb']!r}: must be true or false, and true only for "
-                        "format 'medmnist' (keeps RGB images as 3 channels)")
+                        "formats 'medmnist' and 'images' (keeps RGB images as 3 channels)")
+    if "eval_only" in dl and not isinstance(dl["eval_only"], bool):
+        raise DataError(f"datalist {name!r}: field 'eval_only' = {dl['eval_only']!r}: must be true or false")
+    if dl.get("eval_only") and dl["training"]:
+        raise DataError(f"datalist {name!r} is evaluation-only (\"eval_only\": true) but its 'training' section has "
+                        f"{len(dl['training'])} entries: remove the field or the entries")
     if "volumes" in dl and (not isinstance(dl["volumes"], bool) or (dl["volumes"] and dl["format"] != "decathlon")):
         raise DataError(f"datalist {name!r}: field 'volumes' = {dl['volumes']!r}: must be true or false, and true only "
                         "for format 'decathlon' (reads whole 3D volumes instead of 2D slices; 'flssl split "
@@ -163,11 +170,15 @@ def _check_entry(e: dict[str, Any], dl: dict[str, Any], section: str, base: Path
         raise DataError(f"{where}: {section} entries need a 'label' (they are used for evaluation)")
     if labelled and "label" not in e:
         raise DataError(f"{where}: entry is labelled but has no 'label' field")
-    if dl["format"] == "decathlon":
+    if dl["format"] in ("decathlon", "images"):
         if "image" not in e:
             raise DataError(f"{where}: required field 'image' is missing")
         e["image"] = _resolve(e["image"], base, f"{where}, field 'image'")
-        if e.get("label") is not None:
+        if dl["format"] == "images" and dl["task"] == "classification":
+            if "label" in e and (not _is_int(e["label"]) or not 0 <= e["label"] < dl["num_classes"]):
+                raise DataError(f"{where}{_csv_row(e, dl)}: field 'label' = {e['label']!r} is not a class id in "
+                                f"range(num_classes={dl['num_classes']})")
+        elif e.get("label") is not None:
             e["label"] = _resolve(e["label"], base, f"{where}, field 'label'")
         elif "label" in e:
             raise DataError(f"{where}: field 'label' is null; omit it and set \"labelled\": false instead")
@@ -185,6 +196,13 @@ def _check_entry(e: dict[str, Any], dl: dict[str, Any], section: str, base: Path
                             f"range(num_classes={dl['num_classes']})")
 
 
+def _csv_row(e: dict[str, Any], dl: dict[str, Any]) -> str:
+    """`` (row N of 'labels.csv')`` for an entry written from a labels CSV by ``flssl split``, else empty."""
+    if dl.get("format") == "images" and _is_int(e.get("csv_row")):
+        return f" (row {e['csv_row']} of {dl.get('source', 'the CSV')!r})"
+    return ""
+
+
 def labelled_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Entries usable for supervised training: ``labelled`` (default: has a label) and with a ``label``."""
     return [e for e in entries if e.get("labelled", "label" in e) and e.get("label") is not None]
@@ -200,7 +218,10 @@ def validate_datalist(
     Always: every requested section is non-empty; every data folder exists and is not empty; every image,
     label and ``.npz`` file exists. With ``deep=True`` also: NIfTI files can be read (corrupt / truncated files
     fail), label values lie in ``range(num_classes)``, image and label shapes agree; ``.npz`` files have the
-    ``{split}_images``/``{split}_labels`` keys and the indices and labels are in range.
+    ``{split}_images``/``{split}_labels`` keys and the indices and labels are in range; PNG/JPEG images and masks
+    (format ``images``) can be decoded, a mask has its image's size and class values in range. Messages about an
+    ``images`` entry name its CSV row. An evaluation-only datalist (``"eval_only": true``) asked for its
+    ``training`` section says so (no job can train on it).
 
     Args:
         dl: a datalist from :func:`load_datalist`.
@@ -221,12 +242,18 @@ def validate_datalist(
         if section not in SECTIONS:
             raise DataError(f"unknown datalist section {section!r}; valid sections: {list(SECTIONS)}")
         entries = dl.get(section) or []
+        if section == "training" and dl.get("eval_only"):
+            raise DataError(f"datalist {name!r} is evaluation-only (\"eval_only\": true, written by 'flssl split "
+                            "--eval-only' or from a dataset with test cases only): it has no training cases, so no "
+                            "job can train on it; evaluate a checkpoint on it with 'flssl evaluate --data <dir> "
+                            "--split test', and train on a split of a dataset with training cases")
         if not entries:
             raise DataError(f"datalist {name!r}: section {section!r} is empty (no entries)")
         counts[section] = len(entries)
         for i, e in enumerate(entries):
-            where = f"datalist {name!r}, {section}[{i}]"
-            keys = ("image", "label") if dl["format"] == "decathlon" else ("npz",)
+            where = f"datalist {name!r}, {section}[{i}]{_csv_row(e, dl)}"
+            keys = {"decathlon": ("image", "label"), "medmnist": ("npz",),
+                    "images": ("image", "label") if dl["task"] == "segmentation" else ("image",)}[dl["format"]]
             for key in keys:
                 if e.get(key) is None:
                     continue
@@ -244,6 +271,8 @@ def validate_datalist(
                 try:
                     if dl["format"] == "decathlon":
                         _deep_check_volume(e, int(dl["num_classes"]), where)
+                    elif dl["format"] == "images":
+                        _deep_check_image(e, dl, where)
                     else:
                         _deep_check_medmnist(e, int(dl["num_classes"]), where, npz_cache)
                 except DataError as err:
@@ -265,6 +294,23 @@ def _deep_check_volume(e: dict[str, Any], num_classes: int, where: str) -> None:
     if bad.size:
         raise DataError(f"{where}: label file {e['label']!r} has values {bad[:10].tolist()} outside "
                         f"range(num_classes={num_classes})")
+
+
+def _deep_check_image(e: dict[str, Any], dl: dict[str, Any], where: str) -> None:
+    from fl_plugins.data.images import read_image_array, read_mask_array
+
+    image = read_image_array(e["image"])
+    if dl["task"] != "segmentation" or e.get("label") is None:
+        return
+    mask = read_mask_array(e["label"])
+    if mask.shape != image.shape[-2:]:
+        raise DataError(f"{where}: image {e['image']!r} is {image.shape[-1]}x{image.shape[-2]} pixels but its mask "
+                        f"{e['label']!r} is {mask.shape[1]}x{mask.shape[0]}")
+    values = np.unique(mask)
+    bad = values[(values < 0) | (values >= int(dl["num_classes"]))]
+    if bad.size:
+        raise DataError(f"{where}: mask file {e['label']!r} has values {bad[:10].tolist()} outside "
+                        f"range(num_classes={dl['num_classes']}) (mask pixel values are class indices)")
 
 
 def _deep_check_medmnist(e: dict[str, Any], num_classes: int, where: str, cache: dict[str, Any]) -> None:

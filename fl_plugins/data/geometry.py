@@ -50,8 +50,17 @@ def data_geometry(dl: dict[str, Any]) -> DataGeometry:
 
     Decathlon segmentation data is read as 2D slices (1 channel), or as 3D volumes when the datalist says
     ``"volumes": true`` (``flssl split --volumes``; the source then names that field, so a message can say what to
-    change). A MedMNIST file is 2D grey ``[N, H, W]``, 2D RGB ``[N, H, W, 3]`` or 3D ``[N, D, H, W]``.
+    change). A MedMNIST file is 2D grey ``[N, H, W]``, 2D RGB ``[N, H, W, 3]`` or 3D ``[N, D, H, W]``. PNG/JPEG
+    images (format ``images``) are 2D; their channels are the first image file's (3 with ``"rgb": true``).
     """
+    if dl["format"] == "images":
+        entries = dl["training"] or dl.get("validation") or dl.get("test") or []
+        if not entries:
+            raise DataError(f"datalist {dl.get('datalist_path')!r} has no entries to read the image geometry from")
+        from fl_plugins.data.images import image_file_channels
+
+        src = entries[0]["image"]
+        return DataGeometry(spatial_dims=2, file_channels=3 if dl.get("rgb") else image_file_channels(src), source=src)
     if dl["format"] != "medmnist":
         path = str(dl.get("datalist_path", "?"))
         if dl.get("volumes"):

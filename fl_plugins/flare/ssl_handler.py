@@ -195,11 +195,16 @@ class SSLHandler(MethodHandler):
             logger.warning("site %s: k-NN monitor off: whole Decathlon volumes (\"volumes\": true) carry no label "
                            "for it, so no knn_accuracy and no best model: the result is the last round's global "
                            "model (--set knn_every=0 skips this warning)", site.site_name)
+        elif knn_every and dl["format"] == "images" and dl["task"] == "segmentation":
+            # every image is a one-slice "volume": its position partition is the same for all, no k-NN label
+            logger.warning("site %s: k-NN monitor off: PNG/JPEG segmentation images carry no annotation-free label "
+                           "for it, so no knn_accuracy and no best model: the result is the last round's global "
+                           "model (--set knn_every=0 skips this warning)", site.site_name)
         elif knn_every and dl.get("validation"):
-            medmnist = dl["format"] == "medmnist"
-            val = build_dataset(dl, dl["validation"], image_size=img, with_labels=medmnist)
+            classes = dl["task"] == "classification"  # MedMNIST, PNG/JPEG classification: the class labels
+            val = build_dataset(dl, dl["validation"], image_size=img, with_labels=classes)
             bank = build_dataset(dl, [e for e in dl["training"] if "label" in e], image_size=img,
-                                 with_labels=True) if medmnist else train
+                                 with_labels=True) if classes else train
             self.knn_train = knn_items(bank, knn_max_items, 0)
             self.knn_val = knn_items(val, knn_max_items, 1)
         self.preview_every = preview_every if callable(getattr(self.method, "preview", None)) else 0

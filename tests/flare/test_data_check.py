@@ -152,7 +152,7 @@ def test_messages_for_what_hospitals_have(tmp_path, capsys):
     csv.write_text("image,label\na.png,0\n")
     assert flssl(["split", "--dataset", str(csv), "--out", str(tmp_path / "o"), "--sites", "1"]) == 2
     err = capsys.readouterr().err
-    assert str(csv) in err and "reads a Decathlon dataset.json or a MedMNIST .npz" in err and "not valid JSON" not in err
+    assert str(csv) in err and "row 1 (line 2)" in err and "a.png" in err and "not valid JSON" not in err
     (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
     (tmp_path / "ds" / "labelsTr").mkdir()
     for d in ("imagesTr", "labelsTr"):
@@ -165,7 +165,7 @@ def test_messages_for_what_hospitals_have(tmp_path, capsys):
     assert "is a dataset description (Decathlon dataset.json), not a site datalist: run 'flssl split" in err
     assert flssl(["split", "--dataset", str(ds), "--out", str(tmp_path / "o"), "--sites", "1"]) == 2
     err = capsys.readouterr().err
-    assert "use fewer sites (--sites, now 1) or smaller --val-fraction/--test-fraction" in err
+    assert "--val-fraction 0 --test-fraction 0" in err and "--eval-only" in err and "smaller" not in err
     assert flssl(["split", "--dataset", str(ds), "--out", str(tmp_path / "o"), "--sites", "1", "--val-fraction", "0",
                   "--test-fraction", "0"]) == 0  # a one-case dataset goes to one site, all training
 
