@@ -95,7 +95,11 @@ def test_tensorboard_events_per_site(sim_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = sim_run / "server" / "simulate_job" / "tb_events"
-    assert sorted(p.name for p in tb.iterdir()) == ["site-1", "site-2"]
+    # one folder per site, and the server's own (rejected_updates each round, fl_plugins.flare.controllers)
+    assert sorted(p.name for p in tb.iterdir()) == ["simulator_server", "site-1", "site-2"]
+    server = EventAccumulator(str(tb / "simulator_server"))
+    server.Reload()
+    assert [(e.step, e.value) for e in server.Scalars("rejected_updates")] == [(0, 0.0), (1, 0.0)]
     for site in ("site-1", "site-2"):
         acc = EventAccumulator(str(tb / site))
         acc.Reload()
