@@ -22,7 +22,7 @@ from fl_plugins.data.errors import DataError
 from fl_plugins.data.nifti import nifti_stem, read_image, read_label, read_shape
 from fl_plugins.data.presets import get_preset
 
-__all__ = ["SliceDataset", "VolumeDataset", "slices_by_volume", "pad_to_square", "resize_slices", "resize_volume",
+__all__ = ["SliceDataset", "VolumeDataset", "unique_ids", "slices_by_volume", "pad_to_square", "resize_slices", "resize_volume",
            "volume_id_of"]
 
 
@@ -31,7 +31,7 @@ def volume_id_of(entry: dict[str, Any]) -> str:
     return nifti_stem(entry["image"])
 
 
-def _unique_ids(ids: list[str]) -> list[str]:
+def unique_ids(ids: list[str]) -> list[str]:
     """Make ids unique (two folders may hold files with the same name): repeats get ``#2``, ``#3``, ..."""
     seen: dict[str, int] = {}
     out = []
@@ -122,7 +122,7 @@ class SliceDataset(Dataset):
         self.image_size = image_size
         self.with_labels = with_labels
         self.cache = cache
-        self.volume_ids = _unique_ids([volume_id_of(e) for e in self.entries])
+        self.volume_ids = unique_ids([volume_id_of(e) for e in self.entries])
         self.num_slices = [read_shape(e["image"])[2] for e in self.entries]  # header only
         self.index: list[tuple[int, int]] = [(v, s) for v, n in enumerate(self.num_slices) for s in range(n)]
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -233,7 +233,7 @@ class VolumeDataset(Dataset):
         self.image_size = image_size
         self.with_labels = with_labels
         self.cache = cache
-        self.volume_ids = _unique_ids([volume_id_of(e) for e in self.entries])
+        self.volume_ids = unique_ids([volume_id_of(e) for e in self.entries])
         self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fl_plugins.data.decathlon import unique_ids
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.presets import get_preset
 
@@ -154,15 +155,6 @@ def read_labels_csv(path: str | Path) -> tuple[list[str], list[CSVRow]]:
 
 
 # -------------------------------------------------------------------------------------------------------- dataset
-def _unique_ids(ids: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for i in ids:
-        seen[i] = seen.get(i, 0) + 1
-        out.append(i if seen[i] == 1 else f"{i}#{seen[i]}")
-    return out
-
-
 class ImageDataset(Dataset):
     """PNG/JPEG images of a datalist of format ``"images"``.
 
@@ -214,7 +206,7 @@ class ImageDataset(Dataset):
         self.with_labels = with_labels
         self.keep_rgb = keep_rgb
         self.cache = cache
-        self.volume_ids = _unique_ids([Path(e["image"]).stem for e in self.entries])
+        self.volume_ids = unique_ids([Path(e["image"]).stem for e in self.entries])
         self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
