@@ -26,6 +26,12 @@ __all__ = [
     "META_N_SAMPLES",
     "META_N_VAL",
     "META_TASK_NAME",
+    "TASK_EXTRACT_FEATURES",
+    "FEAT_KEY",
+    "PART_KEY",
+    "META_SHARES_FEATURES",
+    "META_REMOTE_FEAT",
+    "META_REMOTE_PART",
 ]
 
 # -- task names (the server sends them; a handler declares which it handles) -----------------------------------------
@@ -61,3 +67,16 @@ META_SPATIAL_DIMS = "spatial_dims"
 META_N_SAMPLES = "n_samples"
 META_N_VAL = "n_val"
 META_TASK_NAME = "task_name"
+
+# -- federated contrastive learning with feature exchange (FCL: fl_plugins.flare.fcl_controller / fcl_handler) ---------
+#: server -> site, no params (``current_round`` only); the site answers with params ``{FEAT_KEY: float16/32 [M, D_f],
+#: PART_KEY: int32 [M]}`` (its momentum features and their partition ids; ``M`` may be 0: the site shares nothing)
+TASK_EXTRACT_FEATURES = "extract_features"
+FEAT_KEY = "feat"
+PART_KEY = "part"
+#: ``meta`` of the extraction result: whether the site shares features (False: it trains on local terms only)
+META_SHARES_FEATURES = "shares_features"
+#: ``meta`` of the ``train`` task: the other sites' features ``float [R, D_f]`` and partition ids ``int32 [R]``
+#: (concatenated; which site each came from is not sent)
+META_REMOTE_FEAT = "remote_feat"
+META_REMOTE_PART = "remote_part"

@@ -12,7 +12,7 @@ from fl_plugins.data.errors import DataError
 from fl_plugins.data.geometry import DataGeometry, data_geometry
 from fl_plugins.data.images import ImageDataset
 from fl_plugins.data.medmnist import MedMNISTDataset
-from fl_plugins.data.partition import position_partition
+from fl_plugins.data.partition import PartitionBatches, position_partition, slice_partitions
 from fl_plugins.data.presets import PRESETS, get_preset
 from fl_plugins.data.site_config import resolve_datalist, write_site_config
 from fl_plugins.data.split import split_decathlon, split_images_csv, split_medmnist
@@ -33,6 +33,8 @@ __all__ = [
     "slices_by_volume",
     "MedMNISTDataset",
     "position_partition",
+    "slice_partitions",
+    "PartitionBatches",
     "build_dataset",
     "build_split_datasets",
     "generate_synthetic_segmentation",

@@ -16,6 +16,7 @@ HANDLERS: dict[str, str] = {
     "ssl": "fl_plugins.flare.ssl_handler:SSLHandler",
     "dino": "fl_plugins.flare.ssl_handler:DinoHandler",
     "stagewise": "fl_plugins.flare.stage_handler:StagewiseHandler",
+    "fcl": "fl_plugins.flare.fcl_handler:FCLHandler",
 }
 
 

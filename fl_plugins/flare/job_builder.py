@@ -41,7 +41,8 @@ QUANTIZATION_TYPES = (None, "float16", "blockwise8")
 
 #: Server workflows a job may name (``fl.controller``): "module:Class" of a ``ModelController`` taking
 #: ``num_clients``, ``num_rounds``, ``persistor_id``, ``task_check_period`` and ``aggregator``.
-CONTROLLERS: dict[str, str] = {"fedavg": "fl_plugins.flare.controllers:FedAvgWithFinalValidation"}
+CONTROLLERS: dict[str, str] = {"fedavg": "fl_plugins.flare.controllers:FedAvgWithFinalValidation",
+                               "fcl": "fl_plugins.flare.fcl_controller:FCLController"}
 #: Aggregators a job may name (``fl.aggregator``): nvflare ``ModelAggregator`` classes taking ``norm_bound`` and
 #: following the validation contract of fl_plugins.flare.aggregators (every result checked, see update_check).
 AGGREGATORS: dict[str, str] = {"weighted_average": "fl_plugins.flare.aggregators:WeightedAverage"}
@@ -110,6 +111,7 @@ def build_fedavg_job(
     imports: list[str] | None = None,
     client: str = "executor",
     plugin_files: list[str] | None = None,
+    controller_args: dict[str, Any] | None = None,
 ) -> FedJob:
     """A job of the plugin architecture: server persistor of the global model (``model_config`` or the registered
     ``method``), the named controller (and aggregator), best/last checkpoints, per-site TensorBoard; on the
@@ -144,6 +146,7 @@ def build_fedavg_job(
         task_check_period=fl.task_check_period,
         aggregator=aggregator,
         key_metric=fl.key_metric,
+        **dict(controller_args or {}),
     )
     job.to_server(controller, id="controller")
     job.to_server(ConfigModelPersistor(model_config=model_config, exclude_regex=exclude_vars, method=method,
@@ -687,3 +690,78 @@ JOBS["meduniverse_stagewise"] = JobSpec(
     open_keys={"stagewise": {"norm_bound": DEFAULT_NORM_BOUND}, "model.backbone": _BACKBONE_FIELDS,
                "trainer": _STAGE_TRAINER_FIELDS, "volume": {"num_slices": 8}},
 )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Federated contrastive learning with feature exchange (FCL, methods-spec 7): the fcl task handler on the sites, the
+# FCLController (an extract_features phase before every training task) on the server.
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: what leaves a site each round besides the weights (FCLHandler / FCLController arguments; docs/privacy_fcl.md)
+_FCL_EXCHANGE = {
+    "enabled": True,  # false: the no-exchange baseline (local terms only, FedAvg)
+    "share_features": True,  # a site's datalist "feature_sharing" can only tighten these
+    "max_features": 1024,  # bound on features per site per round [R: 7.4 example, 1,000 per client]
+    "feature_noise_std": 0.0,  # Gaussian noise per coordinate before re-normalising (0 = off)
+    "feature_dtype": "float32",  # or "float16" (half the bytes)
+    "timeout": 0,  # seconds for the extraction answers (0 = no limit)
+}
+_FCL_DEFAULTS = {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "volumes_per_batch": 8, "lr": 1e-3}
+
+
+def _fcl_fields() -> dict[str, Any]:
+    from fl_plugins.methods.fcl import FCLConfig
+
+    return FCLConfig().to_dict()
+
+
+def _fcl_builder(name: str, s: dict[str, Any]) -> FedJob:
+    from fl_plugins.methods import build
+
+    fl = FLSettings(**s["fl"])
+    if fl.controller != "fcl":
+        raise ValueError(f"job {name!r} needs fl.controller='fcl' (its feature exchange), got {fl.controller!r}")
+    cfg = dict(s["fcl"])
+    cfg.setdefault("seed", fl.seed)
+    if cfg.get("total_steps") is None:
+        cfg["total_steps"] = s["steps_per_round"] * fl.num_rounds
+    method = build("fcl", dict(cfg))  # validates every setting when the job is built
+    ex = dict(s["exchange"])
+    unknown = sorted(set(ex) - set(_FCL_EXCHANGE))
+    if unknown:
+        raise ValueError(f"unknown exchange setting(s) {unknown}; known: {sorted(_FCL_EXCHANGE)}")
+    ex = {**_FCL_EXCHANGE, **ex}
+    from fl_plugins.flare.fcl_handler import FEATURE_DTYPES
+
+    if ex["feature_dtype"] not in FEATURE_DTYPES:
+        raise ValueError(f"exchange.feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {ex['feature_dtype']!r}")
+    args = {"config": cfg, "steps_per_round": s["steps_per_round"], "total_rounds": fl.num_rounds,
+            "share_features": ex["share_features"], "max_features": ex["max_features"],
+            "feature_noise_std": ex["feature_noise_std"], "feature_dtype": ex["feature_dtype"]}
+    controller_args = {"feature_dim": method.config.proj_dim, "num_partitions": method.config.num_partitions,
+                       "max_features_per_site": ex["max_features"], "exchange": ex["enabled"],
+                       "exchange_timeout": ex["timeout"]}
+    return build_fedavg_job(name, "fcl", args, fl, method="fcl", method_config=cfg,
+                            exclude_vars=non_federated_regex_of(method), controller_args=controller_args)
+
+
+_FCL_FIELDS = _fcl_fields()
+
+for _job, _enabled, _what in (
+    ("fcl_pretrain", True, "with feature exchange and global structural matching (FCL)"),
+    ("fcl_noexchange_pretrain", False, "without feature exchange (the baseline: local terms only)"),
+):
+    JOBS[_job] = JobSpec(
+        name=_job,
+        description=f"Federated contrastive learning {_what} of the finetune_seg_unet U-Net encoder on unlabelled "
+        "slices of volumes, FedAvg; export-backbone -> finetune_seg_unet --pretrained",
+        defaults={
+            "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": None, "controller": "fcl"},
+            "fcl": dict(_FCL_DEFAULTS),
+            "steps_per_round": 5,
+            "exchange": {**_FCL_EXCHANGE, "enabled": _enabled},
+        },
+        builder=_fcl_builder,
+        # every FCLConfig field (--set fcl.temperature=0.2) and the U-Net settings of the encoder
+        open_keys={"fcl": _FCL_FIELDS, "fcl.backbone": {"kind": "unet_encoder", **_UNET_FIELDS}},
+    )

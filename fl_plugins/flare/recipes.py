@@ -30,7 +30,7 @@ from fl_plugins.flare.job_builder import build_job, job_names
 
 __all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
            "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe", "UNetInpaintRecipe",
-           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe"]
+           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe", "FCLRecipe", "FCLNoExchangeRecipe"]
 
 
 class JobRecipe(Recipe):
@@ -136,6 +136,23 @@ class MAE3DRecipe(JobRecipe):
     JOB = "mae3d_pretrain"
 
 
+class FCLRecipe(JobRecipe):
+    """Federated contrastive learning with feature exchange and global structural matching (FCL) of the segmentation
+    U-Net's encoder on slices of volumes (its export starts ``finetune_seg_unet``).
+
+    Privacy settings (what leaves a site besides the weights): ``{"exchange": {"max_features": 256,
+    "feature_noise_std": 0.05, "feature_dtype": "float16"}}``; ``docs/privacy_fcl.md``.
+    """
+
+    JOB = "fcl_pretrain"
+
+
+class FCLNoExchangeRecipe(JobRecipe):
+    """The FCL baseline without feature exchange: local contrastive terms only, FedAvg of the encoder."""
+
+    JOB = "fcl_noexchange_pretrain"
+
+
 class MedUniverseStagewiseRecipe(JobRecipe):
     """Stage-wise federated fine-tuning (MedUniverse): one ViT backbone improved stage by stage by sites with different
     classification tasks (2D or 3D); heads stay on the sites.
@@ -152,7 +169,8 @@ class MedUniverseStagewiseRecipe(JobRecipe):
 RECIPES: dict[str, type[JobRecipe]] = {
     cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
                              DinoRecipe, Dinov2Recipe, UNetInpaintRecipe,
-                             MAEViTRecipe, MAE3DRecipe, MedUniverseStagewiseRecipe)
+                             MAEViTRecipe, MAE3DRecipe, MedUniverseStagewiseRecipe, FCLRecipe,
+                             FCLNoExchangeRecipe)
 }
 
 

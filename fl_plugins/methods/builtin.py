@@ -68,3 +68,14 @@ def _build_mae(config: dict[str, Any]) -> Any:
 
 register_method("mae", _build_mae,
                 description="masked image modelling of a ViT: MAE (2D timm / 3D MONAI) or SimMIM (2D)")
+
+
+def _build_fcl(config: dict[str, Any]) -> Any:
+    from fl_plugins.methods.fcl import FCLConfig, FCLMethod
+
+    return FCLMethod(FCLConfig.from_dict(dict(config)))
+
+
+register_method("fcl", _build_fcl,
+                description="federated contrastive learning with feature exchange and global structural matching "
+                "(U-Net encoder; batches of partitions from the fcl task handler)")

@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.fl_constant import ReturnCode
-from nvflare.apis.impl.wf_comm_server import WFCommServer
-from nvflare.apis.shareable import make_reply
-from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fl_plugins.flare.stagewise import StagewiseController, report_problem
 from fl_plugins.wire import (
@@ -43,7 +35,7 @@ from fl_plugins.wire import (
     TASK_STAGE_FINETUNE,
     TASK_VALIDATE,
 )
-from tests.flare.fake_engine import FakeEngine
+from tests.flare.fake_engine import Behaviour, ControllerHarness
 
 D = 4  # embedding width of the fake base (backbone.cls_token [1, 1, D])
 BASE = {"backbone.cls_token": np.zeros((1, 1, D), np.float32), "backbone.norm.weight": np.ones(D, np.float32),
@@ -51,9 +43,6 @@ BASE = {"backbone.cls_token": np.zeros((1, 1, D), np.float32), "backbone.norm.we
 CLASSES = {"site-1": 2, "site-2": 3, "site-3": 5, "site-4": 2}
 
 
-#: a site's behaviour: (site, task name, received model) -> its answer, "error" (an execution error) or None (holds
-#: the task and never answers: the site stays busy with it until the server drops it, see :meth:`Run.go`)
-Behaviour = Callable[[str, str, FLModel], Any]
 
 
 def honest(delta: dict[str, float], n_samples: dict[str, int] | None = None) -> Behaviour:
@@ -77,81 +66,12 @@ def honest(delta: dict[str, float], n_samples: dict[str, int] | None = None) -> 
     return act
 
 
-class Run:
-    """A controller on a real WFCommServer with a fake engine; :meth:`go` runs it with the sites' behaviour."""
+class Run(ControllerHarness):
+    """A StagewiseController on a real WFCommServer with a fake engine; :meth:`go` runs it with the sites' behaviour."""
 
     def __init__(self, tmp_path: Path, sites: list[str], **kwargs: Any) -> None:
-        self.engine = FakeEngine(sites, tmp_path)
-        self.app = tmp_path
-        self.ctrl = StagewiseController(num_clients=1, task_check_period=0.005, **kwargs)
-        self.comm = WFCommServer()
-        self.ctrl.set_communicator(self.comm)
-        self.comm._engine = self.engine
-        self.comm._dead_client_grace = 0.0
-        self.ctrl.engine = self.engine
-        self.ctrl.fl_ctx = self.engine.new_context()
-        self.ctrl.abort_signal = Signal()
-        self.ctrl.load_model = lambda: FLModel(params={k: v.copy() for k, v in BASE.items()},
-                                               params_type=ParamsType.FULL)
-        self.saved: list[FLModel] = []
-        self.ctrl.save_model = self.saved.append
-        self.engine.handlers.append(self.ctrl)
-        self.received: list[tuple[str, str, FLModel]] = []  # what each site received
-        self.dead: set[str] = set()
-
-    def disconnect(self, site: str) -> None:
-        """What FLARE does once the site's heartbeats stop (grace 0); the site stops asking for tasks."""
-        with self.engine.new_context() as ctx:
-            self.comm.process_dead_client_report(site, ctx)
-        self.comm._check_dead_clients()
-        self.dead.add(site)
-
-    def go(self, act: Behaviour, timeout: float = 30.0) -> None:
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                self.ctrl.run()
-            except BaseException as e:  # pragma: no cover - shown by the assertion below
-                errors.append(e)
-
-        t = threading.Thread(target=target, daemon=True)
-        t.start()
-        # site -> id of the task it holds. As FLARE's ClientRunner, a site runs one task at a time and asks for the
-        # next one only when done with it; a held task is given up once the server no longer knows it (the task check
-        # answers TASK_UNKNOWN: cancelled or timed out). A site never asks again for a task it holds: nvflare 2.9.0
-        # then re-adds the resent ClientTask to task.client_tasks when another standing task follows it, and its task
-        # monitor fails with a KeyError when the task exits (WFCommServer._do_process_task_request / _do_check_tasks).
-        held: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
-        while t.is_alive() and time.monotonic() < deadline:
-            for c in self.engine.clients:
-                if c.name in self.dead:
-                    continue
-                if c.name in held:
-                    with self.engine.new_context() as ctx:
-                        if self.comm.process_task_check(held[c.name], ctx) is not None:
-                            continue  # still busy with it
-                    del held[c.name]
-                with self.engine.new_context() as ctx:
-                    name, task_id, data = self.comm.process_task_request(c, ctx)
-                if not name:
-                    continue
-                model = FLModelUtils.from_shareable(data)
-                self.received.append((c.name, name, model))
-                reply = act(c.name, name, model)
-                if reply is None:
-                    held[c.name] = task_id
-                    continue
-                shareable = make_reply(ReturnCode.EXECUTION_EXCEPTION) if isinstance(reply, str) else \
-                    FLModelUtils.to_shareable(reply)
-                with self.engine.new_context() as ctx:
-                    self.comm.process_submission(c, name, task_id, shareable, ctx)
-            self.comm.check_tasks()  # what FLARE's task monitor thread does (under the controller lock)
-            time.sleep(0.002)
-        t.join(1.0)
-        assert not t.is_alive(), "the controller did not finish"
-        assert not errors, errors
+        super().__init__(StagewiseController(num_clients=1, task_check_period=0.005, **kwargs), sites, tmp_path,
+                         lambda: FLModel(params={k: v.copy() for k, v in BASE.items()}, params_type=ParamsType.FULL))
 
     def table(self) -> dict:
         return json.loads((self.app / "stage_bases.json").read_text())
