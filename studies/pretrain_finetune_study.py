@@ -84,11 +84,23 @@ def pretrain(a: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     state_file, log_file = out.with_suffix(".state.pt"), out.with_suffix(".log.json")
     logs: dict[str, list] = {}
-    handlers = [SSLHandler(SiteContext(site_name=p.parent.name, datalist_path=str(p), workspace_dir=str(out.parent),
-                                       log_scalar=lambda t, v, s, n=p.parent.name: logs.setdefault(n, []).append(
-                                           (t, s, v))),
-                           a.method, dict(cfg), steps_per_round=a.steps, total_rounds=a.rounds, knn_every=0)
-                for p in _sites(a.data)]
+    def ctx(p: Path) -> SiteContext:
+        return SiteContext(site_name=p.parent.name, datalist_path=str(p), workspace_dir=str(out.parent),
+                           log_scalar=lambda t, v, s, n=p.parent.name: logs.setdefault(n, []).append((t, s, v)))
+
+    exchange = None
+    if a.method == "fcl":  # its own handler: partition batches, the extraction task
+        from fl_plugins.flare.fcl_handler import FCLHandler
+
+        handlers = [FCLHandler(ctx(p), dict(cfg), steps_per_round=a.steps, total_rounds=a.rounds)
+                    for p in _sites(a.data)]
+        mc = handlers[0].method.config
+        exchange = None if a.no_exchange else {"feature_dim": mc.proj_dim, "num_partitions": mc.num_partitions}
+        loss_tag = "ssl_loss"
+    else:
+        handlers = [SSLHandler(ctx(p), a.method, dict(cfg), steps_per_round=a.steps, total_rounds=a.rounds,
+                               knn_every=0) for p in _sites(a.data)]
+        loss_tag = "ssl/loss"
     torch.manual_seed(a.seed)
     method = build(a.method, dict(cfg))
     params = to_numpy(method.federated_state_dict())
@@ -101,12 +113,18 @@ def pretrain(a: argparse.Namespace) -> int:
           f"{a.rounds} rounds x {a.steps} steps", flush=True)
     t0 = time.perf_counter()
     for r in range(start, a.rounds):
-        res = run_fedavg(handlers, params, rounds=1, start_round=r, total_rounds=a.rounds, final_validation=False)
+        res = run_fedavg(handlers, params, rounds=1, start_round=r, total_rounds=a.rounds, final_validation=False,
+                         exchange=exchange)
         params = res["params"]
-        losses = {h.site.site_name: [v for t, s, v in logs.get(h.site.site_name, []) if t == "ssl/loss" and s == r]
+        losses = {h.site.site_name: [v for t, s, v in logs.get(h.site.site_name, []) if t == loss_tag and s == r]
                   for h in handlers}
         history.append({"round": r, "loss": {k: v[-1] if v else None for k, v in losses.items()},
                         "seconds": time.perf_counter() - t0})
+        if exchange is not None:
+            history[-1]["exchange"] = res["exchange"][-1]
+            history[-1]["loss_remote"] = {h.site.site_name: [v for t, s, v in logs.get(h.site.site_name, [])
+                                                             if t == "fcl/loss_remote" and s == r][-1:]
+                                          for h in handlers}
         atomic_torch_save({"round": r + 1, "params": params, "history": history}, state_file)
         print(f"[{time.perf_counter() - t0:7.1f}s] round {r + 1}/{a.rounds} loss "
               f"{ {k: round(v, 4) for k, v in history[-1]['loss'].items() if v is not None} }", flush=True)
@@ -286,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--set", action="append", default=[], help="method config KEY=VALUE (dotted keys)")
     pp.add_argument("--out", required=True, help="exported backbone file (.pt)")
+    pp.add_argument("--no-exchange", action="store_true",
+                    help="fcl only: the baseline without feature exchange (local terms only)")
     pp.set_defaults(func=pretrain)
     pf = sub.add_parser("finetune", help="paired fine-tuning from --pretrained and from random init")
     pf.add_argument("--job", required=True, help="ready fine-tuning job (finetune_seg_unet, finetune_cls, ...)")

@@ -3,14 +3,17 @@
 Per round (:class:`FCLController`, a :class:`~fl_plugins.flare.controllers.FedAvgWithFinalValidation`: lost sites
 are dropped, every weight update is validated, final validation and best model as in every job)::
 
-    1. extract_features -> every site of the round (no params; current_round): each answers
+    1. extract_features -> every site of the round (the round's global weights): each loads them and answers
        {"feat": float16/32 [M_c, D_f], "part": int32 [M_c]} + meta shares_features
        every answer is checked (check_features): dimension D_f, 2-D, finite, partition ids in [0, S), M_c <=
        max_features_per_site; a bad, failed or missing answer is logged and left out; a site that shares nothing
        (M_c = 0) or whose answer was left out receives no other site's features this round (it trains on its local
        terms)
-    2. train -> each site c its own task: the global weights (the same for every site) + meta
+    2. train -> each site c its own task: no weights (it holds them since phase 1; the global weights only for a
+       site that did not answer phase 1) + meta
        remote_feat = concat_{i != c, i sharing} feat_i (float32 [R_c, D_f]), remote_part = int32 [R_c]
+       The weights travel once per round; every site extracts with the round's global model, so all features of
+       the round share one feature space.
     3. FedAvg of encoder + projector (the sites' answers are checked by the job's aggregator as in every job)
 
 The server never stores the features beyond the round. Its TensorBoard gets, per round, ``fcl/extract_seconds``
@@ -109,10 +112,13 @@ class FCLController(FedAvgWithFinalValidation):
         self.exchange_timeout = exchange_timeout
         self.last_exchange: dict[str, Any] = {}
 
-    def exchange_features(self, sites: list[str], current_round: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Phase 1: ask ``sites`` for their features; returns the valid, non-empty banks by site."""
+    def exchange_features(self, sites: list[str], current_round: int, model: FLModel
+                          ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], set[str]]:
+        """Phase 1: send ``sites`` the round's global ``model`` and ask for their features; returns the valid,
+        non-empty banks by site and the sites that answered (they hold the round's model)."""
         t0 = time.perf_counter()
-        ask = FLModel(params={}, current_round=current_round, total_rounds=self.num_rounds)
+        ask = FLModel(params=model.params, params_type=model.params_type, current_round=current_round,
+                      total_rounds=self.num_rounds)
         results = self.send_model_and_wait(task_name=TASK_EXTRACT_FEATURES, data=ask, targets=sites,
                                            timeout=self.exchange_timeout)
         seconds = time.perf_counter() - t0
@@ -140,7 +146,7 @@ class FCLController(FedAvgWithFinalValidation):
                               "refused": refused, "missing": missing, "bytes_received": received}
         self.info(f"round {current_round}: feature exchange {seconds:.2f} s; sharing {sorted(banks)} "
                   f"({sum(b[0].shape[0] for b in banks.values())} features)")
-        return banks
+        return banks, {site_of(r) for r in results}
 
     def send_model(self, task_name: str = "train", data: FLModel | None = None, targets: list[str] | None = None,
                    min_responses: int | None = None, timeout: int = 0, callback: Any = None) -> None:
@@ -150,14 +156,16 @@ class FCLController(FedAvgWithFinalValidation):
             return super().send_model(task_name, data, targets, min_responses, timeout, callback)
         rnd = int(self.current_round)
         sites = list(targets) if targets else sorted(c.name for c in self.engine.get_clients())
-        banks = self.exchange_features(sites, rnd)
+        banks, holding = self.exchange_features(sites, rnd, data)
         payloads = remote_payloads(banks, sites, self.feature_dim)
         self.expect_results(data, self.current_round)
         sent = 0
         for site in sites:
             feat, part = payloads[site]
             sent += feat.nbytes + part.nbytes
-            m = FLModel(params=data.params, params_type=data.params_type, current_round=data.current_round,
+            # a site that answered the extraction holds the round's model: its train task carries no weights
+            m = FLModel(params={} if site in holding else data.params, params_type=data.params_type,
+                        current_round=data.current_round,
                         total_rounds=data.total_rounds, start_round=data.start_round,
                         meta={**(data.meta or {}), META_REMOTE_FEAT: feat, META_REMOTE_PART: part})
             ModelController.send_model(self, task_name, m, targets=[site], timeout=timeout, callback=callback)

@@ -2,8 +2,9 @@
 
 Tasks (:attr:`FCLHandler.TASKS`):
 
-* ``extract_features`` (no params in): the site computes the momentum features of its training slices (its *local
-  bank* for the coming round) and answers with what it shares: at most ``max_features`` of them (a uniform random
+* ``extract_features`` (the round's global weights in): the site loads them (its momentum encoder restarts as their
+  copy), computes the momentum features of its training slices (its *local bank* for the round) and answers with
+  what it shares: at most ``max_features`` of them (a uniform random
   subset, redrawn each round), optionally with Gaussian noise of standard deviation ``feature_noise_std`` per
   coordinate added and the vectors re-normalised, cast to ``feature_dtype``, and their partition ids::
 
@@ -13,12 +14,18 @@ Tasks (:attr:`FCLHandler.TASKS`):
   With ``share_features=False`` the answer is empty (``M = 0``) and the site gets no other site's features either
   (it trains on the local terms only). A site tightens the job's settings for itself in its datalist
   (:func:`site_policy`: ``"feature_sharing": {"share": false}``, or a lower ``max_features``, more noise, float16).
-* ``train``: loads the global encoder + projector (the momentum encoder restarts as their copy), sets the round's
-  memory bank = its local bank (all its slices, float32, no noise) + the other sites' features from the task's
-  ``meta`` (``remote_feat``, ``remote_part``), runs ``steps_per_round`` steps of :class:`~fl_plugins.methods.fcl.
-  FCLMethod`, answers with the federated state. Without an ``extract_features`` task in this round (``exchange``
-  off: the no-exchange baseline, or a site that missed the phase) it computes its local bank itself first, with the
-  same (pre-round) momentum encoder, so both variants contrast against features of the same age.
+* ``train``: carries no weights when the site received them with this round's ``extract_features`` (the server
+  knows who answered), else the global weights (loaded as above: ``exchange`` off -- the no-exchange baseline -- or
+  a site whose extraction failed); a weightless task for a round whose model the site does not hold is refused.
+  The site sets the round's memory bank = its local bank (all its slices, float32, no noise; computed now if no
+  extraction came, with the same freshly reset momentum encoder, so both variants contrast against features of the
+  round's global model) + the other sites' features from the task's ``meta`` (``remote_feat``, ``remote_part``),
+  runs ``steps_per_round`` steps of :class:`~fl_plugins.methods.fcl.FCLMethod` and answers with the federated
+  state.
+
+Every site extracts with the same model (the round's global one), so local and remote features share one feature
+space: features extracted before the model arrives would come from each site's last local model, and the remote
+ones would be unrelated to the queries (a remote term stuck at ``log K``, seen in a first ACDC run).
 * ``validate`` / ``submit_model``: as every handler (no monitor metric: a k-NN on the slice partition would score
   exactly the label FCL trains on, small-scale-ssl.md).
 
@@ -183,6 +190,7 @@ class FCLHandler(MethodHandler):
         self.feature_noise_std = float(feature_noise_std)
         self.feature_dtype = feature_dtype
         self._local_bank: tuple[int, torch.Tensor] | None = None  # (round, features [N, D_f]) of every local slice
+        self._loaded_round: int | None = None  # the round whose global model the method holds
         logger.info("site %s: fcl, %d slices of %d volumes (%d in batches of %d), sharing %s", site.site_name,
                     len(train), len(ids), len(sampler.slots), sampler.batch_size,
                     f"<= {max_features} {feature_dtype} features per round" if share_features else "nothing")
@@ -212,7 +220,13 @@ class FCLHandler(MethodHandler):
 
     # -- tasks -------------------------------------------------------------------------------------------------------
     def extract_features(self, model: FLModel) -> FLModel:
+        import time
+
+        t0 = time.perf_counter()
         rnd = int(model.current_round or 0)
+        self.load_global(model)  # the round's global model; the momentum encoder restarts as its copy
+        self._loaded_round = rnd
+        self._local_bank = None
         dim = self.method.config.proj_dim
         if not self.share_features:
             self._bank_for(rnd)
@@ -221,6 +235,7 @@ class FCLHandler(MethodHandler):
                            params_type=ParamsType.FULL, meta={META_SHARES_FEATURES: False})
         feat, part = self.shared_features(self._bank_for(rnd), rnd)
         self.site.log_scalar("fcl/features_shared", float(feat.shape[0]), rnd)
+        self.site.log_scalar("fcl/extract_compute_seconds", time.perf_counter() - t0, rnd)
         return FLModel(params={FEAT_KEY: feat, PART_KEY: part}, params_type=ParamsType.FULL,
                        meta={META_SHARES_FEATURES: True})
 
@@ -255,8 +270,14 @@ class FCLHandler(MethodHandler):
 
         rnd = int(model.current_round or 0)
         t0 = time.perf_counter()
-        local = self._bank_for(rnd)  # before the new global model: the same age as an extract_features bank
-        self.load_global(model)
+        if model.params:
+            self.load_global(model)  # the momentum encoder restarts as its copy
+            self._loaded_round = rnd
+        elif self._loaded_round != rnd:
+            raise ValueError(f"site {self.site.site_name}: the train task of round {rnd} carries no weights, but this "
+                             f"site did not receive round {rnd}'s global model with extract_features (last: "
+                             f"{self._loaded_round})")
+        local = self._bank_for(rnd)  # features of the round's global model (computed at extraction, or now)
         rf, rp = self.remote_bank(model)
         self.method.set_bank(torch.cat([local, rf]), torch.cat([self.part, rp]),
                              torch.cat([torch.zeros(len(local), dtype=torch.bool), torch.ones(len(rf), dtype=torch.bool)]))

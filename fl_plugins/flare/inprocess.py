@@ -51,6 +51,7 @@ def run_fedavg(
     aggregator: ModelAggregator | None = None,
     key_metric: str | None = None,
     patience: int | None = None,
+    exchange: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run up to ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
 
@@ -58,6 +59,12 @@ def run_fedavg(
     ``key_metric`` that the sites report for it (round r's metrics are those of the global model *received* in round
     r; the last aggregate is scored by the final validation). The best-scoring global model is kept; with
     ``patience`` = P, training stops after P rounds in a row without a better score.
+
+    Feature exchange (FCL, with ``exchange = {"feature_dim", "num_partitions", "max_features_per_site"}``): before
+    each round every handler answers ``extract_features``, the answers are checked and each handler's train task
+    carries the other sites' features in ``meta``, exactly as :class:`~fl_plugins.flare.fcl_controller.FCLController`
+    does (its :func:`~fl_plugins.flare.fcl_controller.check_features` and ``remote_payloads``). The round's exchange
+    record (seconds, bytes, sites sharing) is in ``out["exchange"]``.
 
     Returns:
         ``{"params": final global params, "rounds": [[site metrics...] per round], "final": [site metrics],
@@ -75,12 +82,17 @@ def run_fedavg(
         vals = [float(m[key_metric]) for m in metrics if m and key_metric in m]
         return float(np.mean(vals)) if vals else float("nan")
 
+    exchanges = []
     for r in range(start_round, start_round + rounds):
         g = FLModel(params=params, params_type=ParamsType.FULL, current_round=r, total_rounds=total)
         results: list = [None] * len(handlers)
+        tasks = [g] * len(handlers)
+        if exchange is not None:
+            tasks, record = _exchange(handlers, g, exchange)
+            exchanges.append(record)
 
-        def run(i: int, g: FLModel = g, results: list = results) -> None:
-            results[i] = handlers[i].train(g)
+        def run(i: int, results: list = results, tasks: list = tasks) -> None:
+            results[i] = handlers[i].train(tasks[i])
 
         if parallel:
             threads = [threading.Thread(target=run, args=(i,)) for i in range(len(handlers))]
@@ -110,6 +122,41 @@ def run_fedavg(
         if key_metric is not None and score(final) > best["score"]:
             best = {"round": start_round + rounds_run, "score": score(final), "params": params}
     out: dict[str, Any] = {"params": params, "rounds": history, "final": final, "rounds_run": rounds_run}
+    if exchange is not None:
+        out["exchange"] = exchanges
     if key_metric is not None:
         out["best"] = best
     return out
+
+
+def _exchange(handlers: Sequence[Any], g: FLModel, settings: dict[str, Any]) -> tuple[list[FLModel], dict[str, Any]]:
+    """The FCL exchange phase in one process: each handler's train task with the other sites' features."""
+    import time
+
+    from fl_plugins.flare.fcl_controller import check_features, remote_payloads
+    from fl_plugins.wire import META_REMOTE_FEAT, META_REMOTE_PART, META_SHARES_FEATURES
+
+    t0 = time.perf_counter()
+    ask = FLModel(params=g.params, params_type=g.params_type, current_round=g.current_round,
+                  total_rounds=g.total_rounds)
+    names = [h.site.site_name for h in handlers]
+    banks, refused, received, holding = {}, {}, 0, set()
+    for name, h in zip(names, handlers):
+        res = h.extract_features(ask)
+        holding.add(name)
+        checked = check_features(res, settings["feature_dim"], settings["num_partitions"],
+                                 settings.get("max_features_per_site"))
+        if isinstance(checked, str):
+            refused[name] = checked
+            continue
+        received += sum(int(np.asarray(v).nbytes) for v in res.params.values())
+        if checked[0].shape[0] and (res.meta or {}).get(META_SHARES_FEATURES, True):
+            banks[name] = checked
+    extract_s = time.perf_counter() - t0
+    payloads = remote_payloads(banks, names, settings["feature_dim"])
+    tasks = [FLModel(params={} if n in holding else g.params, params_type=g.params_type, current_round=g.current_round,
+                     total_rounds=g.total_rounds, meta={META_REMOTE_FEAT: payloads[n][0], META_REMOTE_PART: payloads[n][1]})
+             for n in names]
+    sent = {n: int(payloads[n][0].nbytes + payloads[n][1].nbytes) for n in names}
+    return tasks, {"round": g.current_round, "extract_seconds": extract_s, "sharing": sorted(banks),
+                   "refused": refused, "bytes_received": received, "bytes_sent": sent}

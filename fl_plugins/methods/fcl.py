@@ -6,13 +6,15 @@ Networks (methods-spec 7.3): main encoder ``f_q`` = the U-Net encoder of ``finet
 as an option, a timm ViT (``backbone.kind = "vit"``), + projection head ``GAP -> Linear(c, c) -> ReLU -> Linear(c,
 D_f)``, L2-normalised [R, the group's ``UNet2D_classification``]. Momentum encoder ``f_k`` = an EMA copy of encoder +
 projector, ``theta_k <- m theta_k + (1 - m) theta_q`` after every step; it makes every key and every memory-bank
-feature, in eval mode (BatchNorm running statistics of the round-start copy).
+feature, with batch statistics (:meth:`FCLMethod.momentum_features`).
 
 A batch (:class:`~fl_plugins.data.partition.PartitionBatches`) holds ``V`` local volumes x one slice of each of the
 ``S`` partitions; each slice is augmented twice (random resized crop, flips, intensity scale/shift, drawn from the
 step's generator): view 1 through ``f_q`` gives the queries, view 2 through ``f_k`` the keys. Loss:
 :func:`fl_plugins.core.contrastive.fcl_loss` against the round's memory bank (this site's momentum features + the
-other sites' features, :meth:`FCLMethod.set_bank`), set by the task handler each round.
+other sites' features, :meth:`FCLMethod.set_bank`), set by the task handler each round; the local part is a FIFO
+queue that every step's keys refresh (:meth:`FCLMethod.enqueue`, methods-spec 7.4 "FIFO"), the remote part stays
+as received for the round.
 
 State taxonomy: federated = ``encoder.*`` and ``projector.*`` (parameters and BatchNorm running statistics, as in
 fine-tuning); site = ``num_batches_tracked`` counters (and ``momentum.*`` with ``momentum_reset=False``); rebuilt =
@@ -193,6 +195,8 @@ class FCLMethod(MethodBase):
             p.requires_grad_(False)
         self.embed_dim = dim
         self._bank: tuple[Tensor, Tensor, Tensor] | None = None
+        self._local_slots = torch.zeros(0, dtype=torch.long)
+        self._ptr = 0
 
     # -- state taxonomy ------------------------------------------------------------------------------------------
     def state_taxonomy(self) -> dict[str, list[str]]:
@@ -230,6 +234,10 @@ class FCLMethod(MethodBase):
     def after_step(self, global_step: int) -> dict[str, float]:
         update_momentum(self.encoder, self.momentum["encoder"], self.config.momentum)
         update_momentum(self.projector, self.momentum["projector"], self.config.momentum)
+        with torch.no_grad():  # BatchNorm running statistics: the main encoder's current ones
+            for src, dst in ((self.encoder, self.momentum["encoder"]), (self.projector, self.momentum["projector"])):
+                for b_src, b_dst in zip(src.buffers(), dst.buffers()):
+                    b_dst.copy_(b_src)
         return {}
 
     # -- features ------------------------------------------------------------------------------------------------
@@ -244,7 +252,12 @@ class FCLMethod(MethodBase):
 
     @torch.no_grad()
     def momentum_features(self, x: Tensor, chunk: int = 64) -> Tensor:
-        """L2-normalised momentum features ``[B, D_f]`` (eval mode, no graph), ``chunk`` images at a time."""
+        """L2-normalised momentum features ``[B, D_f]`` (no graph), ``chunk`` images at a time.
+
+        The momentum encoder runs with batch statistics (BatchNorm in train mode, as MoCo's key encoder): with the
+        running statistics of a young model (still near their initial 0 / 1) every slice maps to nearly the same
+        vector and every similarity is equal (the loss sits at ``2 log(1 + K)``; seen on ACDC). Its running
+        statistics move as a side effect; they are rebuilt every round (``momentum_reset``) and never sent."""
         self._check_images(x)
         enc, proj = self.momentum["encoder"], self.momentum["projector"]
         was = enc.training
@@ -267,7 +280,24 @@ class FCLMethod(MethodBase):
                              f"{feat.shape[0]} features")
         if feat.shape[0] < 1:
             raise ValueError("memory bank is empty: FCL needs at least one feature to sample negatives from")
-        self._bank = (feat.float(), part.long(), remote.bool())
+        self._bank = (feat.float().clone(), part.long().clone(), remote.bool().clone())
+        self._local_slots = torch.nonzero(~self._bank[2]).flatten()  # the FIFO part of the bank
+        self._ptr = 0
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, part: Tensor) -> None:
+        """MoCo's FIFO: the batch's momentum keys ``[B, D_f]`` replace the oldest *local* bank entries (the remote
+        ones stay for the round). Without it the bank is frozen at round start and the encoder finds a shortcut:
+        map every slice to one point far from the frozen bank (local loss falls, the features collapse; seen on
+        ACDC: pairwise cosine 1.000 after one round)."""
+        slots = self._local_slots
+        if self._bank is None or slots.numel() == 0:
+            return
+        n = min(keys.shape[0], slots.numel())
+        idx = slots[(self._ptr + torch.arange(n)) % slots.numel()]
+        self._bank[0][idx] = keys[:n].to(self._bank[0])
+        self._bank[1][idx] = part[:n].to(self._bank[1])
+        self._ptr = (self._ptr + n) % slots.numel()
 
     def training_step(self, batch: Any, global_step: int, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """Loss of ``{"image": [B, C, H, W], "part": [B], "vol": [B]}`` against the round's bank."""
@@ -281,8 +311,10 @@ class FCLMethod(MethodBase):
         q = self.query(v1)
         k = self.momentum_features(v2)
         bank, bank_part, bank_remote = (t.to(x.device) for t in self._bank)
-        return fcl_loss(q, k, batch["part"].to(x.device), batch["vol"].to(x.device), bank, bank_part, bank_remote,
-                        c.num_negatives, c.temperature, rng)
+        out = fcl_loss(q, k, batch["part"].to(x.device), batch["vol"].to(x.device), bank, bank_part, bank_remote,
+                       c.num_negatives, c.temperature, rng)
+        self.enqueue(k, batch["part"])
+        return out
 
     def backbone(self) -> nn.Module:
         """The main encoder (U-Net encoder: its export starts ``finetune_seg_unet`` through ``model.pretrained``)."""

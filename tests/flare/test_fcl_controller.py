@@ -37,9 +37,11 @@ def features(site: str, rnd: int) -> tuple[np.ndarray, np.ndarray]:
 def sites(bad: dict[str, str] | None = None) -> Behaviour:
     """Honest sites; ``bad[site]``: "nan", "dim", "part", "refuse", "error" or "many" in its extraction answer."""
     bad = bad or {}
+    held: dict[str, dict] = {}  # the weights a site received with the extraction (the train task then has none)
 
     def act(site: str, task: str, m: FLModel):
         if task == TASK_EXTRACT_FEATURES:
+            held[site] = m.params
             feat, part = features(site, m.current_round)
             kind = bad.get(site)
             if kind == "error":
@@ -57,7 +59,8 @@ def sites(bad: dict[str, str] | None = None) -> Behaviour:
             return FLModel(params={FEAT_KEY: feat, PART_KEY: part}, params_type=ParamsType.FULL,
                            meta={META_SHARES_FEATURES: kind != "refuse"})
         if task == TASK_TRAIN:
-            return FLModel(params={k: np.asarray(v) + 1.0 for k, v in m.params.items()}, params_type=ParamsType.FULL,
+            weights = m.params or held[site]
+            return FLModel(params={k: np.asarray(v) + 1.0 for k, v in weights.items()}, params_type=ParamsType.FULL,
                            current_round=m.current_round, meta={META_NUM_STEPS: 10})
         raise AssertionError(task)
 
@@ -88,22 +91,23 @@ def _arrays(obj) -> list[np.ndarray]:
 def test_each_site_receives_exactly_the_other_sites_features(tmp_path):
     h = run(tmp_path, sites())
     extract = _sent(h, TASK_EXTRACT_FEATURES)
-    assert len(extract) == 6 and all(m.params == {} for _, m in extract)  # the ask carries nothing
+    assert len(extract) == 6 and all(set(m.params) == set(GLOBAL) for _, m in extract)  # the round's weights
     train = _sent(h, TASK_TRAIN)
     assert sorted(s for s, _ in train) == sorted(SITES * 2)
     for site, m in train:
         others = [features(s, m.current_round) for s in SITES if s != site]
         np.testing.assert_array_equal(m.meta[META_REMOTE_FEAT], np.concatenate([f for f, _ in others]))
         np.testing.assert_array_equal(m.meta[META_REMOTE_PART], np.concatenate([p for _, p in others]))
-        assert set(m.params) == set(GLOBAL)
+        assert m.params == {}  # the weights travelled once, with the extraction
     # FedAvg of the weights as in every job: +1 per round
     np.testing.assert_array_equal(h.saved[-1].params["encoder.w"], GLOBAL["encoder.w"] + 2.0)
 
 
 def test_only_feature_vectors_ids_and_weights_cross_the_wire(tmp_path):
     h = run(tmp_path, sites())
-    for site, task, m in h.received:  # server -> site
-        for a in _arrays(m.params) + _arrays(m.meta):
+    for site, task, m in h.received:  # server -> site: the weights (once per round) and features
+        assert set(m.params) <= set(GLOBAL)
+        for a in _arrays(m.meta):
             assert a.ndim <= 2, (site, task, a.shape)  # no image-shaped tensor [C, H, W] / [B, C, H, W]
         if task == TASK_TRAIN:
             assert set(m.meta) >= {META_REMOTE_FEAT, META_REMOTE_PART}
@@ -118,6 +122,8 @@ def test_a_bad_contribution_is_left_out_and_the_round_goes_on(tmp_path, caplog, 
         h = run(tmp_path, sites({"site-2": kind}))
     for site, m in _sent(h, TASK_TRAIN):
         got = m.meta[META_REMOTE_FEAT]
+        # a site that failed the extraction gets the weights with its train task
+        assert set(m.params) == (set(GLOBAL) if (site, kind) == ("site-2", "error") else set())
         if site == "site-2":  # its features were refused: it trains on local terms
             assert got.shape == (0, D)
         else:
@@ -140,7 +146,7 @@ def test_a_site_that_shares_nothing_gets_nothing(tmp_path):
 def test_exchange_off_is_plain_fedavg(tmp_path):
     h = run(tmp_path, sites(), exchange=False)
     assert _sent(h, TASK_EXTRACT_FEATURES) == []
-    assert all(META_REMOTE_FEAT not in (m.meta or {}) for _, m in _sent(h, TASK_TRAIN))
+    assert all(META_REMOTE_FEAT not in (m.meta or {}) and set(m.params) == set(GLOBAL) for _, m in _sent(h, TASK_TRAIN))
 
 
 @pytest.mark.parametrize(("params", "why"), [

@@ -37,8 +37,10 @@ def handler(data: Path, site: str = "site-1", datalist: Path | None = None, **kw
     return FCLHandler(ctx, dict(CFG), **{"steps_per_round": 2, "total_rounds": 2, **kwargs})
 
 
-def ask(rnd: int = 0) -> FLModel:
-    return FLModel(params={}, current_round=rnd, total_rounds=2)
+def ask(h: FCLHandler, rnd: int = 0, shift: float = 0.0) -> FLModel:
+    """The extraction task: the round's global weights (the handler's own, shifted by ``shift``)."""
+    return FLModel(params={k: v + shift for k, v in h.federated_params().items()}, params_type=ParamsType.FULL,
+                   current_round=rnd, total_rounds=2)
 
 
 def test_tasks_include_the_extraction():
@@ -52,7 +54,7 @@ def test_tasks_include_the_extraction():
 ])
 def test_only_feature_vectors_and_partition_ids_leave_the_site(synth_seg_data, kwargs, m, dtype):
     h = handler(synth_seg_data, **kwargs)
-    out = h.extract_features(ask())
+    out = h.extract_features(ask(h))
     assert set(out.params) == {FEAT_KEY, PART_KEY} and out.meta == {META_SHARES_FEATURES: True}
     feat, part = out.params[FEAT_KEY], out.params[PART_KEY]
     assert feat.shape == (m, 8) and feat.dtype == dtype and part.shape == (m,) and part.dtype == np.int32
@@ -64,9 +66,10 @@ def test_only_feature_vectors_and_partition_ids_leave_the_site(synth_seg_data, k
 
 
 def test_noise_changes_what_leaves_but_not_the_local_bank(synth_seg_data):
-    clean = handler(synth_seg_data).extract_features(ask()).params[FEAT_KEY]
+    h0 = handler(synth_seg_data)
+    clean = h0.extract_features(ask(h0)).params[FEAT_KEY]
     h = handler(synth_seg_data, feature_noise_std=0.1)
-    noisy = h.extract_features(ask()).params[FEAT_KEY]
+    noisy = h.extract_features(ask(h)).params[FEAT_KEY]
     assert not np.allclose(clean, noisy, atol=1e-3)
     assert np.allclose(np.linalg.norm(noisy, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(h._bank_for(0).numpy(), clean, atol=1e-6)  # the site trains on its clean features
@@ -74,7 +77,7 @@ def test_noise_changes_what_leaves_but_not_the_local_bank(synth_seg_data):
 
 def test_a_site_that_refuses_shares_nothing_and_ignores_remote_features(synth_seg_data, caplog):
     h = handler(synth_seg_data, share_features=False)
-    out = h.extract_features(ask())
+    out = h.extract_features(ask(h))
     assert out.params[FEAT_KEY].shape == (0, 8) and out.params[PART_KEY].shape == (0,)
     assert out.meta[META_SHARES_FEATURES] is False
     g = FLModel(params=h.federated_params(), params_type=ParamsType.FULL, current_round=0,
@@ -85,7 +88,6 @@ def test_a_site_that_refuses_shares_nothing_and_ignores_remote_features(synth_se
 
 def test_train_contrasts_against_local_and_remote_features(synth_seg_data):
     h = handler(synth_seg_data)
-    h.extract_features(ask())
     remote = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     g = FLModel(params=h.federated_params(), params_type=ParamsType.FULL, current_round=0,
                 meta={META_REMOTE_FEAT: remote.numpy().astype(np.float16),
@@ -113,13 +115,16 @@ def test_bad_remote_features_are_refused_and_the_site_trains_on_local_terms(synt
     assert res.meta["loss_remote"] == 0.0 and len(h.method._bank[0]) == N_SLICES
 
 
-def test_without_an_extraction_the_site_builds_its_bank_before_loading_the_new_model(synth_seg_data):
-    h = handler(synth_seg_data)
-    before = h.local_features()
-    g = FLModel(params={k: v + 0.5 for k, v in h.federated_params().items()}, params_type=ParamsType.FULL,
-                current_round=0)
-    h.train(g)
-    assert torch.equal(h._local_bank[1], before)  # the pre-round momentum encoder, as an extract_features bank
+def test_the_bank_comes_from_the_rounds_global_model_with_or_without_extraction(synth_seg_data):
+    a, b = handler(synth_seg_data), handler(synth_seg_data)
+    start = a.local_features()
+    a.extract_features(ask(a, shift=0.05))  # the weights come with the extraction
+    res_a = a.train(FLModel(params={}, params_type=ParamsType.FULL, current_round=0))
+    b.train(ask(b, shift=0.05))  # no extraction (the no-exchange baseline): the weights come with train
+    assert torch.equal(a._local_bank[1], b._local_bank[1]) and not torch.allclose(a._local_bank[1], start)
+    assert set(res_a.params) == set(a.federated_params())
+    with pytest.raises(ValueError, match="train task of round 1 carries no weights, but this site did not receive"):
+        a.train(FLModel(params={}, params_type=ParamsType.FULL, current_round=1))
 
 
 def _write(dl: dict, path: Path) -> Path:
@@ -133,10 +138,12 @@ def test_the_sites_datalist_can_only_tighten_sharing(synth_seg_data, tmp_path):
     dl = {**dl, "training": [{k: str(base / v) if k in ("image", "label") else v for k, v in e.items()}
                              for e in dl["training"]]}
     tight = _write({**dl, "feature_sharing": {"max_features": 5, "dtype": "float16"}}, tmp_path / "a.json")
-    out = handler(synth_seg_data, datalist=tight, max_features=100).extract_features(ask())
+    h = handler(synth_seg_data, datalist=tight, max_features=100)
+    out = h.extract_features(ask(h))
     assert out.params[FEAT_KEY].shape == (5, 8) and out.params[FEAT_KEY].dtype == np.float16
     refuse = _write({**dl, "feature_sharing": {"share": False}}, tmp_path / "b.json")
-    assert handler(synth_seg_data, datalist=refuse).extract_features(ask()).params[FEAT_KEY].shape == (0, 8)
+    h = handler(synth_seg_data, datalist=refuse)
+    assert h.extract_features(ask(h)).params[FEAT_KEY].shape == (0, 8)
     assert site_policy({"max_features": 5000}, True, 100, 0.0, "float32", "x") == (True, 100, 0.0, "float32")
     assert site_policy({"noise_std": 0.01}, True, 100, 0.1, "float16", "x") == (True, 100, 0.1, "float16")
     with pytest.raises(ValueError, match=r"'feature_sharing' must be a dict with keys among"):

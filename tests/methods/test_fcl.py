@@ -131,3 +131,19 @@ def test_step_without_bank_and_wrong_image_size_are_refused():
         m.set_bank(torch.zeros(3, 5), torch.zeros(3).long(), torch.zeros(3).bool())
     with pytest.raises(ValueError, match="memory bank is empty"):
         m.set_bank(torch.zeros(0, 8), torch.zeros(0).long(), torch.zeros(0).bool())
+
+
+def test_every_step_enqueues_its_keys_into_the_local_bank_only():
+    m = make()
+    n_local, n_remote = 10, 5
+    feat = torch.nn.functional.normalize(torch.randn(n_local + n_remote, 8), dim=1)
+    remote = torch.arange(n_local + n_remote) >= n_local
+    m.set_bank(feat, torch.zeros(n_local + n_remote).long(), remote)
+    b = batch()  # 8 slices: keys replace local entries 0..7, then 8, 9, 0..5 (FIFO, wrapping)
+    m.training_step(b, 0, torch.Generator().manual_seed(0))
+    bank, part, _ = m._bank
+    assert torch.equal(bank[n_local:], feat[n_local:])  # remote features stay for the round
+    assert torch.equal(part[:8], b["part"]) and torch.equal(bank[8:n_local], feat[8:n_local])
+    m.training_step(b, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(m._bank[1][8:10], b["part"][:2]) and torch.equal(m._bank[1][:6], b["part"][2:])
+    assert m._ptr == 6
