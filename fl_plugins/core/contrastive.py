@@ -77,6 +77,7 @@ def fcl_loss(
     num_negatives: int,
     temperature: float,
     generator: torch.Generator,
+    batch_negatives: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """The FCL loss of a batch (methods-spec 7.5).
 
@@ -90,6 +91,9 @@ def fcl_loss(
             smaller).
         temperature: ``tau`` > 0.
         generator: the step's random stream (negative sampling).
+        batch_negatives: also count the batch's keys of *other* partitions as negatives of every query (appended to
+            ``Q'``) [R]: keys computed with the same batch statistics as the positives, so that "computed in this
+            batch" does not tell positives from negatives (the BatchNorm shortcut MoCo removes with shuffled BN).
 
     Returns:
         ``(loss, stats)``: the batch mean of ``L_local + L_remote`` (graph attached through ``q``) and floats
@@ -111,9 +115,13 @@ def fcl_loss(
     neg_logits = torch.einsum("bd,bkd->bk", q, negs) / temperature
     same_part = part[:, None] == part[None, :]
     local_mask = same_part & ((vol[:, None] != vol[None, :]) | torch.eye(b, dtype=torch.bool, device=q.device))
-    local, _ = positive_set_nce(q @ keys.t() / temperature, local_mask, neg_logits)
+    key_logits = q @ keys.t() / temperature
+    all_negs = neg_logits
+    if batch_negatives:  # other-partition keys of the batch; same-partition ones masked out (-inf adds nothing)
+        all_negs = torch.cat([neg_logits, key_logits.masked_fill(same_part, float("-inf"))], dim=1)
+    local, _ = positive_set_nce(key_logits, local_mask, all_negs)
     remote_mask = bank_remote[idx] & (bank_part[idx] == part[:, None])
-    remote, has_remote = positive_set_nce(neg_logits, remote_mask, neg_logits)
+    remote, has_remote = positive_set_nce(neg_logits, remote_mask, all_negs)
     loss = (local + remote * has_remote.to(remote.dtype)).mean()
     n_remote = int(has_remote.sum())
     stats = {

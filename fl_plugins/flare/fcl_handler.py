@@ -199,7 +199,8 @@ class FCLHandler(MethodHandler):
     def local_features(self) -> torch.Tensor:
         """Momentum features ``[N, D_f]`` of every training slice, in dataset order."""
         images = torch.stack([torch.as_tensor(self.train_set[i]["image"]) for i in range(len(self.train_set))])
-        return self.method.momentum_features(images)
+        g = torch.Generator().manual_seed(self.seed + 104_729)  # the same chunks every round
+        return self.method.bank_features(images, g, chunk=self.loader.sampler.batch_size)
 
     def _bank_for(self, rnd: int) -> torch.Tensor:
         if self._local_bank is None or self._local_bank[0] != rnd:

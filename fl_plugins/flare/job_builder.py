@@ -706,7 +706,7 @@ _FCL_EXCHANGE = {
     "feature_dtype": "float32",  # or "float16" (half the bytes)
     "timeout": 0,  # seconds for the extraction answers (0 = no limit)
 }
-_FCL_DEFAULTS = {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "volumes_per_batch": 8, "lr": 1e-3}
+_FCL_DEFAULTS = {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "volumes_per_batch": 8, "lr": 3e-4}
 
 
 def _fcl_fields() -> dict[str, Any]:

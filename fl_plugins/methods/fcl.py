@@ -58,15 +58,21 @@ class FCLConfig:
         proj_dim: ``D_f``, 128 [R 7.3].
         temperature: ``tau``, 0.1 [V group code default].
         num_negatives: ``K`` per query, 512 [R 7.5: 512-4096; the low end for a CPU-sized bank].
-        momentum: EMA momentum ``m`` per step, 0.99 [R: 7.3 says MoCo's 0.999, but with the momentum encoder
-            re-initialised every round (``momentum_reset``) and tens of steps per round 0.999 leaves it equal to the
-            round-start model; lightly's short recipes use 0.99].
+        momentum: EMA momentum ``m`` per step, 0.999 [R 7.3, MoCo]: the keys must come from (nearly) the encoder
+            that made the memory bank, the round's global model; with 0.99 the key encoder drifts away from the bank
+            within a round and the main encoder learns "recent vs. stale feature" instead of anatomy (ACDC, 64 px:
+            every slice's feature collapsed to one point within 40 steps).
         momentum_reset: re-initialise the momentum encoder from the received global model every round [R 7.6
             default]; False keeps it on the site (site state).
         volumes_per_batch: ``V``; a batch is ``V * S`` slices, 8 x 4 = 32 [R].
+        batch_negatives: the batch's other-partition keys are negatives too [R, not in the paper's equations]:
+            without them the encoder learns "computed in this batch" (BatchNorm statistics) instead of anatomy --
+            on ACDC the loss rose above chance and the features collapsed (cosine 0.999 between all slices).
         crop_scale: area range of the random resized crop, (0.6, 1.0) [R: mild, a slice's position must survive].
         intensity: maximal relative intensity scale/shift jitter, 0.2 [R].
-        lr, min_lr_ratio, warmup_steps, total_steps: AdamW 1e-3 [V GCL: lr 1e-3] with cosine decay to
+        lr, min_lr_ratio, warmup_steps, total_steps: AdamW 3e-4 [R: GCL used 1e-3 [V]; at batch 32, 64 px on
+            ACDC 1e-3 drove the features to near-collapse (cosine 0.99 between all slices) while 3e-4 separated the
+            partitions slowly (same 0.964 / other 0.936 after 120 steps)] with cosine decay to
             ``lr * min_lr_ratio`` over ``total_steps`` global steps (None = the job's horizon).
         weight_decay: 1e-5 [V positional_cl].
         seed: model init; the handler draws data and augmentation from the site's own seed.
@@ -78,12 +84,13 @@ class FCLConfig:
     proj_dim: int = 128
     temperature: float = 0.1
     num_negatives: int = 512
-    momentum: float = 0.99
+    momentum: float = 0.999
     momentum_reset: bool = True
     volumes_per_batch: int = 8
+    batch_negatives: bool = True
     crop_scale: tuple = (0.6, 1.0)
     intensity: float = 0.2
-    lr: float = 1e-3
+    lr: float = 3e-4
     min_lr_ratio: float = 0.01
     warmup_steps: int = 0
     total_steps: int | None = None
@@ -234,10 +241,6 @@ class FCLMethod(MethodBase):
     def after_step(self, global_step: int) -> dict[str, float]:
         update_momentum(self.encoder, self.momentum["encoder"], self.config.momentum)
         update_momentum(self.projector, self.momentum["projector"], self.config.momentum)
-        with torch.no_grad():  # BatchNorm running statistics: the main encoder's current ones
-            for src, dst in ((self.encoder, self.momentum["encoder"]), (self.projector, self.momentum["projector"])):
-                for b_src, b_dst in zip(src.buffers(), dst.buffers()):
-                    b_dst.copy_(b_src)
         return {}
 
     # -- features ------------------------------------------------------------------------------------------------
@@ -254,21 +257,30 @@ class FCLMethod(MethodBase):
     def momentum_features(self, x: Tensor, chunk: int = 64) -> Tensor:
         """L2-normalised momentum features ``[B, D_f]`` (no graph), ``chunk`` images at a time.
 
-        The momentum encoder runs with batch statistics (BatchNorm in train mode, as MoCo's key encoder): with the
-        running statistics of a young model (still near their initial 0 / 1) every slice maps to nearly the same
-        vector and every similarity is equal (the loss sits at ``2 log(1 + K)``; seen on ACDC). Its running
-        statistics move as a side effect; they are rebuilt every round (``momentum_reset``) and never sent."""
+        The momentum encoder runs with batch statistics (BatchNorm in train mode, as MoCo's key encoder, and as the
+        queries): with running statistics (eval mode) keys and queries live in different spaces while the model is
+        young, and the loss rose above chance on ACDC. Its running statistics move as a side effect; they are
+        rebuilt every round (``momentum_reset``) and never sent. Callers mix the images of a chunk (the bank is
+        extracted in random chunks of the training batch size, :meth:`bank_features`)."""
         self._check_images(x)
         enc, proj = self.momentum["encoder"], self.momentum["projector"]
         was = enc.training
-        enc.eval()
-        proj.eval()
+        enc.train()
+        proj.train()
         try:
             out = [F.normalize(proj(enc(x[i:i + chunk])), dim=1) for i in range(0, x.shape[0], chunk)]
         finally:
             enc.train(was)
             proj.train(was)
         return torch.cat(out) if out else x.new_zeros(0, self.config.proj_dim)
+
+    def bank_features(self, x: Tensor, generator: torch.Generator, chunk: int) -> Tensor:
+        """Momentum features ``[N, D_f]`` of images ``[N, C, H, W]`` in dataset order, computed in random chunks of
+        ``chunk`` images (batch statistics of a mix of volumes and partitions, like a training batch)."""
+        perm = torch.randperm(x.shape[0], generator=generator)
+        out = torch.empty(x.shape[0], self.config.proj_dim)
+        out[perm] = self.momentum_features(x[perm], chunk=chunk)
+        return out
 
     def set_bank(self, feat: Tensor, part: Tensor, remote: Tensor) -> None:
         """The round's memory bank ``Q``: features ``[M, D_f]`` (L2-normalised), partition ids ``[M]`` and
@@ -312,7 +324,7 @@ class FCLMethod(MethodBase):
         k = self.momentum_features(v2)
         bank, bank_part, bank_remote = (t.to(x.device) for t in self._bank)
         out = fcl_loss(q, k, batch["part"].to(x.device), batch["vol"].to(x.device), bank, bank_part, bank_remote,
-                       c.num_negatives, c.temperature, rng)
+                       c.num_negatives, c.temperature, rng, batch_negatives=c.batch_negatives)
         self.enqueue(k, batch["part"])
         return out
 
