@@ -47,10 +47,12 @@ def _batch():
     return q, k, part, vol
 
 
-def _loss_by_hand(q, k, part, vol, bank, bank_part, bank_remote, tau):
+def _loss_by_hand(q, k, part, vol, bank, bank_part, bank_remote, tau, batch_negatives=False):
     total, remote_n = 0.0, 0
     for i in range(len(q)):
-        negs = bank  # K >= M: Q' = the whole bank
+        negs = list(bank)  # K >= M: Q' = the whole bank
+        if batch_negatives:  # + the batch's keys of other partitions
+            negs += [k[j] for j in range(len(q)) if part[j] != part[i]]
         pos = [k[j] for j in range(len(q)) if part[j] == part[i] and (vol[j] != vol[i] or j == i)]
         li = _l(q[i], pos, negs, tau)
         rpos = [bank[n] for n in range(len(bank)) if bank_remote[n] and bank_part[n] == part[i]]
@@ -80,6 +82,19 @@ def test_fcl_loss_matches_hand_computation(bank_part, bank_remote, remote_querie
     assert stats["remote_positive_fraction"] == remote_queries / 4
     assert stats["negatives_remote_fraction"] == pytest.approx(sum(bank_remote) / len(bank))
     loss.backward()
+
+
+@pytest.mark.parametrize("bank_remote", [[False, False, True, True, True], [False] * 5])
+def test_batch_negatives_add_the_other_partition_keys_to_every_denominator(bank_remote):
+    tau = 0.2
+    q, k, part, vol = _batch()
+    bank = [_unit(1, 0), _unit(0, 1), _unit(1, 1), _unit(-1, 1), _unit(0.5, -1)]
+    bank_part = [0, 1, 0, 1, 0]
+    loss, _ = fcl_loss(torch.tensor(q), torch.tensor(k), torch.tensor(part), torch.tensor(vol), torch.tensor(bank),
+                       torch.tensor(bank_part), torch.tensor(bank_remote), num_negatives=5, temperature=tau,
+                       generator=torch.Generator().manual_seed(0), batch_negatives=True)
+    want, _ = _loss_by_hand(q, k, part, vol, bank, bank_part, bank_remote, tau, batch_negatives=True)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
 def test_fcl_loss_gradient_reaches_the_queries_only():

@@ -167,3 +167,16 @@ def test_volumes_with_fewer_slices_than_partitions_are_named(tmp_path):
 def test_bad_settings_are_named(synth_seg_data, kwargs, match):
     with pytest.raises(ValueError, match=match):
         handler(synth_seg_data, **kwargs)
+
+
+def test_in_process_exchange_gives_each_site_the_others_features(synth_seg_data):
+    from fl_plugins.flare.inprocess import run_fedavg
+
+    hs = [handler(synth_seg_data, "site-1", max_features=10), handler(synth_seg_data, "site-2", max_features=7)]
+    out = run_fedavg(hs, hs[0].federated_params(), rounds=1, final_validation=False,
+                     exchange={"feature_dim": 8, "num_partitions": 4, "max_features_per_site": 10})
+    (ex,) = out["exchange"]
+    assert ex["sharing"] == ["site-1", "site-2"] and ex["refused"] == {}
+    assert ex["bytes_sent"] == {"site-1": 7 * (8 * 4 + 4), "site-2": 10 * (8 * 4 + 4)}
+    assert [int(h.method._bank[2].sum()) for h in hs] == [7, 10]  # remote entries of each site's bank
+    assert set(out["params"]) == set(hs[0].federated_params())
