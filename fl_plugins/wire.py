@@ -32,6 +32,8 @@ __all__ = [
     "META_SHARES_FEATURES",
     "META_REMOTE_FEAT",
     "META_REMOTE_PART",
+    "META_DP_DISTANCE",
+    "META_TARGET_UPLOADED",
 ]
 
 # -- task names (the server sends them; a handler declares which it handles) -----------------------------------------
@@ -80,3 +82,9 @@ META_SHARES_FEATURES = "shares_features"
 #: (concatenated; which site each came from is not sent)
 META_REMOTE_FEAT = "remote_feat"
 META_REMOTE_PART = "remote_part"
+
+# -- FCLOpt with PTNU / DP (fl_plugins.flare.fclopt_controller / fclopt_handler) ------------------------------------------
+#: ``meta`` of a ``train`` result: DP's relative distance of the site's true target to the prediction, and whether the
+#: result carries the target (``target.*`` params)
+META_DP_DISTANCE = "dp_distance"
+META_TARGET_UPLOADED = "target_uploaded"

@@ -58,7 +58,7 @@ from fl_plugins.wire import (
     TASK_VALIDATE,
 )
 
-__all__ = ["FCLHandler", "FEATURE_DTYPES", "site_policy"]
+__all__ = ["FCLHandler", "FEATURE_DTYPES", "partition_loader", "site_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,34 @@ class _Batches:
         return {"image": images, "part": self.part[t], "vol": self.vol[t]}
 
 
+def partition_loader(dl: dict[str, Any], site: SiteContext, image_size: int, num_partitions: int,
+                     volumes_per_batch: int, seed: int, method: str) -> tuple[Any, _Batches]:
+    """Every training slice of the site's volumes (labels never read) and the endless ``{"image", "part", "vol"}``
+    batches of ``volumes_per_batch`` volumes x one slice per partition (:class:`~fl_plugins.data.partition.
+    PartitionBatches`, drawn from ``seed``). Shared by the contrastive methods (``fcl``, ``fclopt``).
+
+    Raises:
+        ValueError: not slices of volumes (the message names the datalist and its format), no volume, or none with a
+            slice in every partition.
+    """
+    from fl_plugins.data import PartitionBatches, build_dataset, slice_partitions
+    from fl_plugins.data.decathlon import SliceDataset
+
+    train = build_dataset(dl, dl["training"], image_size=image_size, with_labels=False)
+    if not isinstance(train, SliceDataset):
+        raise ValueError(f"datalist {site.datalist_path}: {method} trains on slices of volumes (a Decathlon datalist of "
+                         f"NIfTI volumes, 2D mode), got {type(train).__name__} items (format "
+                         f"{dl.get('format')!r}{', volumes: true' if dl.get('volumes') else ''})")
+    vol, part, ids = slice_partitions(train, num_partitions)
+    g = torch.Generator().manual_seed(seed)
+    sampler = PartitionBatches(vol, part, ids, num_partitions, volumes_per_batch, g,
+                               where=f"site {site.site_name} ({site.datalist_path})")
+    if sampler.skipped:
+        logger.warning("site %s: %d volume(s) with fewer slices than %s.num_partitions=%d left out of the batches: %s",
+                       site.site_name, len(sampler.skipped), method, num_partitions, sampler.skipped[:5])
+    return train, _Batches(train, sampler, vol, part)
+
+
 class FCLHandler(MethodHandler):
     """Federated contrastive learning with feature exchange on one site (see the module docstring).
 
@@ -138,8 +166,7 @@ class FCLHandler(MethodHandler):
         feature_noise_std: float = 0.0,
         feature_dtype: str = "float32",
     ) -> None:
-        from fl_plugins.data import PartitionBatches, build_dataset, load_datalist, slice_partitions, validate_datalist
-        from fl_plugins.data.decathlon import SliceDataset
+        from fl_plugins.data import load_datalist, validate_datalist
         from fl_plugins.engine.train_loop import build_optimizer
         from fl_plugins.methods import build
 
@@ -166,33 +193,21 @@ class FCLHandler(MethodHandler):
         share_features, max_features, feature_noise_std, feature_dtype = site_policy(
             dl.get("feature_sharing"), share_features, max_features, float(feature_noise_std), feature_dtype,
             site.datalist_path)
-        train = build_dataset(dl, dl["training"], image_size=mcfg.image_size, with_labels=False)
-        if not isinstance(train, SliceDataset):
-            raise ValueError(f"datalist {site.datalist_path}: FCL trains on slices of volumes (a Decathlon datalist of "
-                             f"NIfTI volumes, 2D mode), got {type(train).__name__} items (format "
-                             f"{dl.get('format')!r}{', volumes: true' if dl.get('volumes') else ''})")
-        vol, part, ids = slice_partitions(train, mcfg.num_partitions)
-        g = torch.Generator().manual_seed(self.seed)
-        sampler = PartitionBatches(vol, part, ids, mcfg.num_partitions, mcfg.volumes_per_batch, g,
-                                   where=f"site {site.site_name} ({site.datalist_path})")
-        if sampler.skipped:
-            logger.warning("site %s: %d volume(s) with fewer slices than fcl.num_partitions=%d left out of the "
-                           "batches (their slices still make features): %s", site.site_name, len(sampler.skipped),
-                           mcfg.num_partitions, sampler.skipped[:5])
-        self.train_set = train
-        self.part = torch.tensor(part)
-        self.loader = _Batches(train, sampler, vol, part)
+        self.train_set, self.loader = partition_loader(dl, site, mcfg.image_size, mcfg.num_partitions,
+                                                       mcfg.volumes_per_batch, self.seed, "fcl")
+        self.part = self.loader.part
         self.optimizer = build_optimizer(self.method)
         self.steps_per_round = steps_per_round
-        self.num_train_items = len(train)
+        self.num_train_items = len(self.train_set)
         self.share_features = share_features
         self.max_features = max_features
         self.feature_noise_std = float(feature_noise_std)
         self.feature_dtype = feature_dtype
         self._local_bank: tuple[int, torch.Tensor] | None = None  # (round, features [N, D_f]) of every local slice
         self._loaded_round: int | None = None  # the round whose global model the method holds
-        logger.info("site %s: fcl, %d slices of %d volumes (%d in batches of %d), sharing %s", site.site_name,
-                    len(train), len(ids), len(sampler.slots), sampler.batch_size,
+        sampler = self.loader.sampler
+        logger.info("site %s: fcl, %d slices (%d volumes in batches of %d), sharing %s", site.site_name,
+                    len(self.train_set), len(sampler.slots), sampler.batch_size,
                     f"<= {max_features} {feature_dtype} features per round" if share_features else "nothing")
 
     # -- the local bank --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ HANDLERS: dict[str, str] = {
     "dino": "fl_plugins.flare.ssl_handler:DinoHandler",
     "stagewise": "fl_plugins.flare.stage_handler:StagewiseHandler",
     "fcl": "fl_plugins.flare.fcl_handler:FCLHandler",
+    "fclopt": "fl_plugins.flare.fclopt_handler:FCLOptHandler",
 }
 
 

@@ -42,7 +42,8 @@ QUANTIZATION_TYPES = (None, "float16", "blockwise8")
 #: Server workflows a job may name (``fl.controller``): "module:Class" of a ``ModelController`` taking
 #: ``num_clients``, ``num_rounds``, ``persistor_id``, ``task_check_period`` and ``aggregator``.
 CONTROLLERS: dict[str, str] = {"fedavg": "fl_plugins.flare.controllers:FedAvgWithFinalValidation",
-                               "fcl": "fl_plugins.flare.fcl_controller:FCLController"}
+                               "fcl": "fl_plugins.flare.fcl_controller:FCLController",
+                               "fclopt": "fl_plugins.flare.fclopt_controller:FCLOptController"}
 #: Aggregators a job may name (``fl.aggregator``): nvflare ``ModelAggregator`` classes taking ``norm_bound`` and
 #: following the validation contract of fl_plugins.flare.aggregators (every result checked, see update_check).
 AGGREGATORS: dict[str, str] = {"weighted_average": "fl_plugins.flare.aggregators:WeightedAverage"}
@@ -764,4 +765,71 @@ for _job, _enabled, _what in (
         builder=_fcl_builder,
         # every FCLConfig field (--set fcl.temperature=0.2) and the U-Net settings of the encoder
         open_keys={"fcl": _FCL_FIELDS, "fcl.backbone": {"kind": "unet_encoder", **_UNET_FIELDS}},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FCLOpt (methods-spec 7.8, reconstructed): BYOL-style, no negatives, no feature exchange; the target averaged
+# (fclopt_pretrain) or predicted by PTNU with DP uploads (fclopt_ptnu_dp_pretrain; PTNU alone: dp_threshold=null).
+# ---------------------------------------------------------------------------------------------------------------------
+
+_FCLOPT_DEFAULTS = {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "volumes_per_batch": 8, "lr": 3e-4}
+
+
+def _fclopt_fields() -> dict[str, Any]:
+    from fl_plugins.methods.fclopt import FCLOptConfig
+
+    return FCLOptConfig().to_dict()
+
+
+def _fclopt_builder(name: str, s: dict[str, Any]) -> FedJob:
+    from fl_plugins.flare.fclopt_handler import check_dp_threshold
+    from fl_plugins.methods import build
+
+    fl = FLSettings(**s["fl"])
+    if fl.controller != "fclopt":
+        raise ValueError(f"job {name!r} needs fl.controller='fclopt' (its accounting and PTNU), got {fl.controller!r}")
+    cfg = dict(s["fclopt"])
+    cfg.setdefault("seed", fl.seed)
+    if cfg.get("total_steps") is None:
+        cfg["total_steps"] = s["steps_per_round"] * fl.num_rounds
+    method = build("fclopt", dict(cfg))  # validates every setting when the job is built
+    ptnu = method.config.target_mode == "ptnu"
+    delta = check_dp_threshold(s.get("dp_threshold"), "dp_threshold")
+    if delta is not None and not ptnu:
+        raise ValueError("dp_threshold needs fclopt.target_mode='ptnu' (set dp_threshold=null for FCLOpt alone)")
+    if ptnu and fl.quantization:
+        raise ValueError(f"fclopt.target_mode='ptnu' needs unquantised weights (every party predicts the target from "
+                         f"the same float32 values): set fl.quantization=null, got {fl.quantization!r}")
+    args = {"config": cfg, "steps_per_round": s["steps_per_round"], "total_rounds": fl.num_rounds,
+            "dp_threshold": delta}
+    controller_args = {"ptnu": ptnu, "dp": delta is not None, "target_momentum": method.config.target_momentum,
+                       "local_steps": s["steps_per_round"]}
+    return build_fedavg_job(name, "fclopt", args, fl, method="fclopt", method_config=cfg,
+                            exclude_vars=non_federated_regex_of(method), controller_args=controller_args)
+
+
+_FCLOPT_FIELDS = _fclopt_fields()
+
+for _job, _mode, _delta, _what in (
+    ("fclopt_pretrain", "fedavg", None, "FCLOpt (no negatives, no feature exchange; online, predictor and target "
+     "averaged)"),
+    ("fclopt_ptnu_dp_pretrain", "ptnu", 1e-3, "FCLOpt + PTNU (the target is predicted by every party, never "
+     "downloaded) + DP (a site uploads its target only when it strays from the prediction by more than "
+     "dp_threshold; PTNU alone: --set dp_threshold=null)"),
+):
+    JOBS[_job] = JobSpec(
+        name=_job,
+        description=f"Communication-efficient federated contrastive learning: {_what}, of the finetune_seg_unet "
+        "U-Net encoder on unlabelled slices of volumes; bytes per site and round in TensorBoard and "
+        "communication.json; export-backbone -> finetune_seg_unet --pretrained",
+        defaults={
+            "fl": {"num_rounds": 2, "min_clients": 2, "key_metric": None, "controller": "fclopt"},
+            "fclopt": {**_FCLOPT_DEFAULTS, "target_mode": _mode},
+            "steps_per_round": 5,
+            "dp_threshold": _delta,
+        },
+        builder=_fclopt_builder,
+        open_keys={"fclopt": _FCLOPT_FIELDS, "fclopt.backbone": {"kind": "unet_encoder", **_UNET_FIELDS},
+                   "": {"dp_threshold": 1e-3}},
     )

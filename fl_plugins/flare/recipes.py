@@ -30,7 +30,8 @@ from fl_plugins.flare.job_builder import build_job, job_names
 
 __all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
            "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe", "UNetInpaintRecipe",
-           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe", "FCLRecipe", "FCLNoExchangeRecipe"]
+           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe", "FCLRecipe", "FCLNoExchangeRecipe",
+           "FCLOptRecipe", "FCLOptPTNUDPRecipe"]
 
 
 class JobRecipe(Recipe):
@@ -153,6 +154,20 @@ class FCLNoExchangeRecipe(JobRecipe):
     JOB = "fcl_noexchange_pretrain"
 
 
+class FCLOptRecipe(JobRecipe):
+    """FCLOpt: BYOL-style federated contrastive learning on structural positives, no negatives, no feature exchange;
+    online, predictor and target averaged (methods-spec 7.8, reconstructed)."""
+
+    JOB = "fclopt_pretrain"
+
+
+class FCLOptPTNUDPRecipe(JobRecipe):
+    """FCLOpt + PTNU (predicted target, never downloaded) + DP (target uploads only when the site's target strays;
+    ``{"dp_threshold": None}`` for PTNU alone)."""
+
+    JOB = "fclopt_ptnu_dp_pretrain"
+
+
 class MedUniverseStagewiseRecipe(JobRecipe):
     """Stage-wise federated fine-tuning (MedUniverse): one ViT backbone improved stage by stage by sites with different
     classification tasks (2D or 3D); heads stay on the sites.
@@ -170,7 +185,7 @@ RECIPES: dict[str, type[JobRecipe]] = {
     cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
                              DinoRecipe, Dinov2Recipe, UNetInpaintRecipe,
                              MAEViTRecipe, MAE3DRecipe, MedUniverseStagewiseRecipe, FCLRecipe,
-                             FCLNoExchangeRecipe)
+                             FCLNoExchangeRecipe, FCLOptRecipe, FCLOptPTNUDPRecipe)
 }
 
 

@@ -79,3 +79,14 @@ def _build_fcl(config: dict[str, Any]) -> Any:
 register_method("fcl", _build_fcl,
                 description="federated contrastive learning with feature exchange and global structural matching "
                 "(U-Net encoder; batches of partitions from the fcl task handler)")
+
+
+def _build_fclopt(config: dict[str, Any]) -> Any:
+    from fl_plugins.methods.fclopt import FCLOptConfig, FCLOptMethod
+
+    return FCLOptMethod(FCLOptConfig.from_dict(dict(config)))
+
+
+register_method("fclopt", _build_fclopt,
+                description="FCLOpt: BYOL-style federated contrastive learning without negatives, structural "
+                "positives (target averaged, or predicted by PTNU); reconstructed from the abstract")

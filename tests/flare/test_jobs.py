@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 METHOD_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint"), "mae_vit_pretrain": ("mae", "mae"),
                "mae3d_pretrain": ("mae", "mae")}
 #: jobs with their own workflow and tasks (tests/flare/test_stagewise_job.py, test_fcl_job.py); the rest are FedAvg jobs
-OWN_WORKFLOW_JOBS = {"meduniverse_stagewise", "fcl_pretrain", "fcl_noexchange_pretrain"}
+OWN_WORKFLOW_JOBS = {"meduniverse_stagewise", "fcl_pretrain", "fcl_noexchange_pretrain", "fclopt_pretrain",
+                     "fclopt_ptnu_dp_pretrain"}
 FEDAVG_JOBS = [n for n in job_names() if n not in OWN_WORKFLOW_JOBS]
 
 

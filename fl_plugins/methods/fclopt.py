@@ -1,0 +1,248 @@
+"""FCLOpt: communication-efficient federated contrastive learning without negatives (methods-spec 7.8, framework 2).
+
+**Reconstructed** [R]: the paper's equations were not reachable; methods-spec 7.8 reconstructs the method from its
+abstract ("does not rely on negative samples"). BYOL-style: online network = encoder (the ``finetune_seg_unet``
+U-Net encoder, as FCL) + projector, predictor on top; target network = EMA of encoder + projector. Positives are
+*structural*: each slice of a batch (:class:`~fl_plugins.data.partition.PartitionBatches`: ``V`` volumes x one slice
+per partition) is paired with the slice of the same partition in the next volume of the batch (cyclically), both
+augmented. No negatives, no memory bank, no feature exchange. Loss, symmetrised::
+
+    L = 1/2 [ || p(z_a)/|p(z_a)| - sg(z'_b)/|z'_b| ||^2 + (a <-> b) ] = 2 - (cos(p(z_a), z'_b) + cos(p(z_b), z'_a))
+
+with ``z = projector(encoder(x))`` online, ``z'`` from the target, ``p`` the predictor; lightly's
+``NegativeCosineSimilarity`` computes the cosines; the heads are lightly's ``BYOLProjectionHead`` /
+``BYOLPredictionHead``. After each step ``xi <- m xi + (1 - m) theta`` (``target_momentum``).
+
+State taxonomy (``target_mode``):
+
+* ``"fedavg"`` (FCLOpt alone): federated = online encoder + projector, predictor and target (all averaged; both
+  directions carry theta + phi + xi); site = ``num_batches_tracked`` counters.
+* ``"ptnu"`` (FCLOpt + PTNU, optionally DP): federated = online + predictor; the target (``target.*``) is *rebuilt*
+  each round from the predicted target every party computes (:mod:`fl_plugins.core.ptnu`); it crosses the wire
+  only when the server must correct or resynchronise a site, or (DP) when a site's true target strays from the
+  prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fl_plugins.core.ema import update_momentum
+from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
+from fl_plugins.engine.method import MethodBase
+from fl_plugins.methods.fcl import augment_view
+from fl_plugins.models.backbones import build_backbone
+from fl_plugins.models.unet import UNET_DEFAULTS
+
+__all__ = ["FCLOptConfig", "FCLOptMethod", "TARGET_MODES", "TARGET_PREFIX", "structural_pairs"]
+
+TARGET_MODES = ("fedavg", "ptnu")
+TARGET_PREFIX = "target."
+
+
+@dataclass(frozen=True)
+class FCLOptConfig:
+    """Settings of FCLOpt ([R] throughout: methods-spec 7.8 reconstruction; sizes for 64 px CPU runs).
+
+    Attributes:
+        backbone: ``build_backbone`` settings (default the ``finetune_seg_unet`` U-Net encoder).
+        image_size: slice side, 64.
+        num_partitions: ``S``, 4 (as FCL).
+        proj_hidden_dim, proj_dim, pred_hidden_dim: BYOL heads, 512 / 128 / 512 [R: BYOL's 4096 / 256 / 4096
+            scaled to a 256-channel encoder].
+        target_momentum: ``m``, 0.99 [R 7.8: 0.99-0.996].
+        target_mode: ``"fedavg"`` or ``"ptnu"`` (module docstring).
+        volumes_per_batch: ``V``, 8 (batch ``V * S`` = 32).
+        crop_scale, intensity: augmentations (as FCL).
+        lr, min_lr_ratio, warmup_steps, total_steps, weight_decay: AdamW 3e-4 cosine (as FCL), WD 1e-5.
+        seed: model init.
+    """
+
+    backbone: dict = field(default_factory=lambda: {"kind": "unet_encoder"})
+    image_size: int = 64
+    num_partitions: int = 4
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    pred_hidden_dim: int = 512
+    target_momentum: float = 0.99
+    target_mode: str = "fedavg"
+    volumes_per_batch: int = 8
+    crop_scale: tuple = (0.6, 1.0)
+    intensity: float = 0.2
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    weight_decay: float = 1e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"fclopt setting {name!r}={getattr(self, name)!r}: {why}")
+
+        for name in ("image_size", "num_partitions", "proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be an int >= 1")
+        if isinstance(self.volumes_per_batch, bool) or not isinstance(self.volumes_per_batch, int) \
+                or self.volumes_per_batch < 2:
+            raise bad("volumes_per_batch", "must be an int >= 2 (a positive is a slice of another volume)")
+        if not 0.0 <= self.target_momentum <= 1.0:
+            raise bad("target_momentum", "must be in [0, 1]")
+        if self.target_mode not in TARGET_MODES:
+            raise bad("target_mode", f"must be one of {list(TARGET_MODES)}")
+        cs = tuple(self.crop_scale)
+        if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
+            raise bad("crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+        if not 0 <= self.intensity < 1:
+            raise bad("intensity", "must be in [0, 1)")
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise bad("total_steps", "must be >= 1 or None")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FCLOptConfig:
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown fclopt setting(s) {unknown}; known: {known}")
+        d = dict(d)
+        if "backbone" in d:
+            d["backbone"] = {"kind": "unet_encoder", **dict(d["backbone"] or {})}
+        if "crop_scale" in d:
+            d["crop_scale"] = tuple(d["crop_scale"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["crop_scale"] = list(self.crop_scale)
+        return out
+
+    def backbone_settings(self) -> dict[str, Any]:
+        b = dict(self.backbone)
+        if b.get("kind", "unet_encoder") == "unet_encoder":
+            return {"kind": "unet_encoder", **UNET_DEFAULTS, **{k: v for k, v in b.items() if k != "kind"}}
+        return b
+
+
+def structural_pairs(part: Tensor, vol: Tensor) -> Tensor:
+    """For each slice ``i`` of a batch, the index of its positive: the slice of the same partition in the next volume
+    of the batch (cyclically, in order of first appearance). ``[B]`` int64.
+
+    Raises:
+        ValueError: a partition present in only one volume (no positive from another volume).
+    """
+    vols = list(dict.fromkeys(vol.tolist()))
+    where = {(int(v), int(p)): i for i, (v, p) in enumerate(zip(vol.tolist(), part.tolist()))}
+    out = []
+    for v, p in zip(vol.tolist(), part.tolist()):
+        k = vols.index(v)
+        for step in range(1, len(vols)):
+            j = where.get((vols[(k + step) % len(vols)], p))
+            if j is not None:
+                out.append(j)
+                break
+        else:
+            raise ValueError(f"partition {p} of volume {v} has no slice of another volume in the batch")
+    return torch.tensor(out, dtype=torch.long)
+
+
+class FCLOptMethod(MethodBase):
+    """FCLOpt as a :class:`~fl_plugins.engine.method.Method` (see the module docstring)."""
+
+    def __init__(self, config: FCLOptConfig) -> None:
+        from lightly.loss import NegativeCosineSimilarity
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+
+        super().__init__(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.encoder = build_backbone(config.backbone_settings())
+            dim = int(getattr(self.encoder, "embed_dim", 0) or getattr(self.encoder, "num_features", 0))
+            self.projector = BYOLProjectionHead(dim, config.proj_hidden_dim, config.proj_dim)
+            self.predictor = BYOLPredictionHead(config.proj_dim, config.pred_hidden_dim, config.proj_dim)
+        self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
+                                     "projector": copy.deepcopy(self.projector)})
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.criterion = NegativeCosineSimilarity()
+        self.embed_dim = dim
+
+    # -- state taxonomy ------------------------------------------------------------------------------------------
+    def state_taxonomy(self) -> dict[str, list[str]]:
+        keys = list(self.state_dict())
+        counter = re.compile(r"(^|\.)num_batches_tracked$")
+        site = sorted(k for k in keys if counter.search(k))
+        target = sorted(k for k in keys if k.startswith(TARGET_PREFIX) and k not in site)
+        rest = sorted(k for k in keys if k not in site and k not in target)
+        if self.config.target_mode == "fedavg":
+            return {"federated": sorted(rest + target), "site": site, "rebuilt": []}
+        return {"federated": rest, "site": site, "rebuilt": target}
+
+    def target_keys(self) -> list[str]:
+        """The target network's float tensors (what PTNU predicts and DP may upload), sorted."""
+        counter = re.compile(r"(^|\.)num_batches_tracked$")
+        return sorted(k for k in self.state_dict() if k.startswith(TARGET_PREFIX) and not counter.search(k))
+
+    def online_keys(self) -> list[str]:
+        """The online encoder + projector tensors (``encoder.*``, ``projector.*``; counters excluded), sorted: the
+        ``theta`` of PTNU, in the target's key order after dropping the ``target.`` prefix."""
+        return [k[len(TARGET_PREFIX):] for k in self.target_keys()]
+
+    def target_state(self) -> dict[str, Tensor]:
+        sd = self.state_dict()
+        return {k: sd[k].detach().clone() for k in self.target_keys()}
+
+    def load_target_state(self, sd: Mapping[str, Any]) -> None:
+        from fl_plugins.engine.method import load_state_subset
+
+        load_state_subset(self, sd, self.target_keys(), "FCLOptMethod: target network", finite=True)
+
+    # -- optimisation --------------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        params = [p for m in (self.encoder, self.projector, self.predictor) for p in m.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.config.weight_decay}]
+
+    def lr_at(self, global_step: int) -> float:
+        c = self.config
+        if c.total_steps is None:
+            return linear_warmup_then_constant(global_step, c.warmup_steps, 0.0, c.lr)
+        return cosine_with_warmup(global_step, c.total_steps, c.warmup_steps, c.lr, c.lr * c.min_lr_ratio)
+
+    def after_step(self, global_step: int) -> dict[str, float]:
+        update_momentum(self.encoder, self.target["encoder"], self.config.target_momentum)
+        update_momentum(self.projector, self.target["projector"], self.config.target_momentum)
+        return {}
+
+    def training_step(self, batch: Any, global_step: int, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """``2 - (cos(p(z_a), z'_b) + cos(p(z_b), z'_a))`` of ``{"image" [B, C, H, W], "part" [B], "vol" [B]}``, each
+        slice ``a`` paired with its :func:`structural_pairs` positive ``b``."""
+        x = batch["image"]
+        s = self.config.image_size
+        if x.dim() != 4 or tuple(x.shape[2:]) != (s, s):
+            raise ValueError(f"fclopt (image_size={s}) takes slices [B, C, {s}, {s}], got {tuple(x.shape)}")
+        j = structural_pairs(batch["part"], batch["vol"]).to(x.device)
+        c = self.config
+        xa = augment_view(x, rng, tuple(c.crop_scale), c.intensity)
+        xb = augment_view(x[j], rng, tuple(c.crop_scale), c.intensity)
+        pa = self.predictor(self.projector(self.encoder(xa)))
+        pb = self.predictor(self.projector(self.encoder(xb)))
+        with torch.no_grad():
+            ta = self.target["projector"](self.target["encoder"](xa))
+            tb = self.target["projector"](self.target["encoder"](xb))
+        loss = 2.0 + self.criterion(pa, tb) + self.criterion(pb, ta)  # 2 - cos - cos
+        with torch.no_grad():
+            spread = torch.nn.functional.normalize(pa, dim=1).std(0).mean()  # ~ 1/sqrt(D) healthy, 0 collapsed
+        return loss, {"loss": float(loss.detach()), "output_std": float(spread)}
+
+    def backbone(self) -> nn.Module:
+        """The online encoder (its export starts ``finetune_seg_unet`` through ``model.pretrained``)."""
+        return self.encoder
