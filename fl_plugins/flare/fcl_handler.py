@@ -37,6 +37,7 @@ site_seed`) and the round.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,12 @@ from fl_plugins.wire import (
     TASK_VALIDATE,
 )
 
-__all__ = ["FCLHandler", "FEATURE_DTYPES", "partition_loader", "site_policy"]
+__all__ = ["FCLHandler", "FEATURE_DTYPES", "ROUND_MODEL_FILE", "partition_loader", "site_policy"]
+
+#: the round's global model received with ``extract_features`` (``{"round", "params"}``), in the site's job workspace:
+#: the round's ``train`` task carries no weights, and a handler started again within the round (a restarted site,
+#: the simulator's swapped-out clients) takes them from here
+ROUND_MODEL_FILE = "fcl_round_model.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +211,7 @@ class FCLHandler(MethodHandler):
         self.feature_dtype = feature_dtype
         self._local_bank: tuple[int, torch.Tensor] | None = None  # (round, features [N, D_f]) of every local slice
         self._loaded_round: int | None = None  # the round whose global model the method holds
+        self.round_model_path = Path(site.workspace_dir) / ROUND_MODEL_FILE
         sampler = self.loader.sampler
         logger.info("site %s: fcl, %d slices (%d volumes in batches of %d), sharing %s", site.site_name,
                     len(self.train_set), len(sampler.slots), sampler.batch_size,
@@ -238,11 +245,15 @@ class FCLHandler(MethodHandler):
     def extract_features(self, model: FLModel) -> FLModel:
         import time
 
+        from fl_plugins.engine.checkpoint import atomic_torch_save
+
         t0 = time.perf_counter()
         rnd = int(model.current_round or 0)
         self.load_global(model)  # the round's global model; the momentum encoder restarts as its copy
         self._loaded_round = rnd
         self._local_bank = None
+        # the train task of this round carries no weights: keep them where a restarted handler finds them
+        atomic_torch_save({"round": rnd, "params": dict(model.params)}, self.round_model_path)
         dim = self.method.config.proj_dim
         if not self.share_features:
             self._bank_for(rnd)
@@ -286,6 +297,11 @@ class FCLHandler(MethodHandler):
 
         rnd = int(model.current_round or 0)
         t0 = time.perf_counter()
+        if not model.params and self._loaded_round != rnd and self.round_model_path.is_file():
+            saved = torch.load(self.round_model_path, map_location="cpu", weights_only=False)
+            if int(saved["round"]) == rnd:  # a restarted handler (or the simulator's swapped-out client)
+                model = FLModel(params=saved["params"], params_type=ParamsType.FULL, current_round=rnd,
+                                meta=model.meta)
         if model.params:
             self.load_global(model)  # the momentum encoder restarts as its copy
             self._loaded_round = rnd

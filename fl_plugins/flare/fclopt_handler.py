@@ -11,7 +11,8 @@ Reconstructed from the paper's abstract (methods-spec 7.8 [R]); the choices, as 
   round 0 ``xi_hat^0`` = a copy of the received theta (every party builds the same initial target). A task that
   carries ``target.*`` (the server's resynchronisation of a site that missed a round or joins late, or its DP
   correction) replaces ``xi_hat``. A site asked for round r without the round r - 1 state and without a target
-  refuses the task with a message (the server never does this). Without DP the site still uploads its true
+  refuses the task with a message (the server never does this). The state lives in the site's job workspace
+  (:data:`PTNU_STATE_FILE`, atomic), so a restarted site continues. Without DP the site still uploads its true
   target each round: the server measures how far its prediction is from their average (the quantity DP acts on)
   but keeps the prediction, so no party's target ever differs.
 * **DP** (``dp_threshold`` = delta >= 0): after training, ``xi_tilde`` = the prediction with the site's own final
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,11 @@ from fl_plugins.flare.handler import MethodHandler, SiteContext, to_numpy, to_to
 from fl_plugins.flare.ssl_handler import site_seed
 from fl_plugins.wire import META_DP_DISTANCE, META_NUM_STEPS, META_TARGET_UPLOADED
 
-__all__ = ["FCLOptHandler", "check_dp_threshold"]
+__all__ = ["FCLOptHandler", "PTNU_STATE_FILE", "check_dp_threshold"]
+
+#: the site's PTNU state (``{"round", "xi_hat", "theta"}``), written atomically each round in the site's job workspace,
+#: read when the handler starts again within the job (a restarted site; the simulator's swapped-out clients)
+PTNU_STATE_FILE = "fclopt_ptnu_state.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +98,12 @@ class FCLOptHandler(MethodHandler):
         self._theta: dict[str, np.ndarray] | None = None  # this round's global theta (target.* keys), float32
         self._last_round: int | None = None
         self._tkeys = self.method.target_keys()
+        self.state_path = Path(site.workspace_dir) / PTNU_STATE_FILE
+        if self.ptnu and self.state_path.is_file():  # a restarted site (or the simulator's swapped-out client)
+            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            self._xi_hat, self._theta, self._last_round = st["xi_hat"], st["theta"], int(st["round"])
+            logger.info("site %s: PTNU state of round %d restored from %s", site.site_name, self._last_round,
+                        self.state_path)
 
     def _as_target_keys(self, params: dict[str, Any]) -> dict[str, np.ndarray]:
         """theta (``encoder.*``, ``projector.*``) under the target's keys, float32."""
@@ -125,6 +137,9 @@ class FCLOptHandler(MethodHandler):
                              "target to a site that missed a round")
         self.method.load_target_state(to_torch(xi))
         self._xi_hat, self._theta, self._last_round = xi, theta, rnd
+        from fl_plugins.engine.checkpoint import atomic_torch_save
+
+        atomic_torch_save({"round": rnd, "xi_hat": xi, "theta": theta}, self.state_path)
 
     def local_train(self, global_step: int) -> dict[str, float]:
         from fl_plugins.engine.train_loop import run_local_steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,8 @@ N_SLICES = 24  # the training section: 2 volumes x 12 slices
 
 
 def handler(data: Path, site: str = "site-1", datalist: Path | None = None, **kwargs) -> FCLHandler:
-    ctx = SiteContext(site_name=site, datalist_path=str(datalist or data / site / "datalist.json"),
-                      workspace_dir=str(data))
+    ws = tempfile.mkdtemp(prefix=f"fcl_{site}_")  # the site's own job workspace
+    ctx = SiteContext(site_name=site, datalist_path=str(datalist or data / site / "datalist.json"), workspace_dir=ws)
     return FCLHandler(ctx, dict(CFG), **{"steps_per_round": 2, "total_rounds": 2, **kwargs})
 
 
@@ -180,3 +181,11 @@ def test_in_process_exchange_gives_each_site_the_others_features(synth_seg_data)
     assert ex["bytes_sent"] == {"site-1": 7 * (8 * 4 + 4), "site-2": 10 * (8 * 4 + 4)}
     assert [int(h.method._bank[2].sum()) for h in hs] == [7, 10]  # remote entries of each site's bank
     assert set(out["params"]) == set(hs[0].federated_params())
+
+
+def test_a_restarted_handler_takes_the_rounds_model_from_its_workspace(synth_seg_data):
+    a = handler(synth_seg_data)
+    a.extract_features(ask(a, shift=0.05))
+    b = FCLHandler(a.site, dict(CFG), steps_per_round=2, total_rounds=2)  # the same site, started again
+    res = b.train(FLModel(params={}, params_type=ParamsType.FULL, current_round=0))
+    assert torch.equal(b._local_bank[1], a._local_bank[1]) and set(res.params) == set(a.federated_params())

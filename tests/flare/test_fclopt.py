@@ -6,6 +6,7 @@ and the communication accounting against the payload sizes."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ SITES = ["site-1", "site-2"]
 
 def _handlers(data: Path, mode: str, dp: float | None) -> dict[str, FCLOptHandler]:
     cfg = {**TINY, "target_mode": mode}
-    return {s: FCLOptHandler(SiteContext(s, str(data / s / "datalist.json"), str(data)), dict(cfg),
-                             steps_per_round=STEPS, total_rounds=4, dp_threshold=dp) for s in SITES}
+    return {s: FCLOptHandler(SiteContext(s, str(data / s / "datalist.json"), tempfile.mkdtemp(prefix=f"{s}_")),
+                             dict(cfg), steps_per_round=STEPS, total_rounds=4, dp_threshold=dp) for s in SITES}
 
 
 def _run(tmp_path, data, mode="ptnu", dp=None, rounds=3, skip=frozenset()):
@@ -144,3 +145,13 @@ def test_every_trainable_parameter_gets_a_gradient():
     missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing and all(not p.requires_grad for p in m.target.parameters())
     assert 0 <= stats["loss"] <= 4 and np.isfinite(stats["output_std"])
+
+
+def test_a_restarted_site_continues_from_its_saved_ptnu_state(synth_seg_data):
+    a = _handlers(synth_seg_data, "ptnu", None)["site-1"]
+    params = {k: v.numpy() for k, v in a.method.federated_state_dict().items()}
+    a.train(FLModel(params=params, params_type=ParamsType.FULL, current_round=0))
+    b = FCLOptHandler(a.site, {**TINY, "target_mode": "ptnu"}, steps_per_round=STEPS, total_rounds=4)
+    assert b._last_round == 0 and all(b._xi_hat[k].tobytes() == a._xi_hat[k].tobytes() for k in a._xi_hat)
+    b.train(FLModel(params=params, params_type=ParamsType.FULL, current_round=1))  # predicts round 1 from round 0
+    assert b._last_round == 1
