@@ -41,6 +41,8 @@ from fl_plugins.wire import META_NUM_STEPS
 __all__ = ["FCLOptController", "COMM_FILE", "part_of", "payload_bytes"]
 
 COMM_FILE = "communication.json"
+#: BatchNorm buffers: federated with the online network, but not part of the predicted target
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 PARTS = ("online", "predictor", "target")
 
 
@@ -97,8 +99,10 @@ class FCLOptController(FedAvgWithFinalValidation):
 
     # -- PTNU state ------------------------------------------------------------------------------------------------
     def _target_keys(self, params: dict[str, Any]) -> list[str]:
+        """The predicted target's keys: ``target.`` + the online parameters (not the BatchNorm statistics, which
+        the sites neither predict nor upload)."""
         return sorted("target." + k for k in params if k.startswith(("encoder.", "projector."))
-                      and not k.endswith("num_batches_tracked"))
+                      and not k.endswith(BN_BUFFERS))
 
     def _theta_of(self, params: dict[str, Any]) -> dict[str, np.ndarray]:
         return {t: np.asarray(params[t[len("target."):]], dtype=np.float32) for t in self._target_keys(params)}

@@ -181,20 +181,24 @@ class FCLOptMethod(MethodBase):
         keys = list(self.state_dict())
         counter = re.compile(r"(^|\.)num_batches_tracked$")
         site = sorted(k for k in keys if counter.search(k))
-        target = sorted(k for k in keys if k.startswith(TARGET_PREFIX) and k not in site)
-        rest = sorted(k for k in keys if k not in site and k not in target)
+        target = self.target_keys()
+        target_buffers = sorted(k for k in keys if k.startswith(TARGET_PREFIX) and k not in site and k not in target)
+        rest = sorted(k for k in keys if k not in site and not k.startswith(TARGET_PREFIX))
         if self.config.target_mode == "fedavg":
-            return {"federated": sorted(rest + target), "site": site, "rebuilt": []}
-        return {"federated": rest, "site": site, "rebuilt": target}
+            return {"federated": sorted(rest + target + target_buffers), "site": site, "rebuilt": []}
+        # PTNU: the target's parameters are predicted each round; its BatchNorm running statistics are never used
+        # (the target runs with batch statistics) and never predicted: they stay on the site
+        return {"federated": rest, "site": sorted(site + target_buffers), "rebuilt": target}
 
     def target_keys(self) -> list[str]:
-        """The target network's float tensors (what PTNU predicts and DP may upload), sorted."""
-        counter = re.compile(r"(^|\.)num_batches_tracked$")
-        return sorted(k for k in self.state_dict() if k.startswith(TARGET_PREFIX) and not counter.search(k))
+        """The target network's parameters (what PTNU predicts and DP may upload), sorted. Its BatchNorm running
+        statistics are not among them: the target runs with batch statistics, so they never act, and a forward
+        pass moves them in a way no EMA of the online weights predicts."""
+        return sorted(TARGET_PREFIX + n for n, _ in self.target.named_parameters())
 
     def online_keys(self) -> list[str]:
-        """The online encoder + projector tensors (``encoder.*``, ``projector.*``; counters excluded), sorted: the
-        ``theta`` of PTNU, in the target's key order after dropping the ``target.`` prefix."""
+        """The online encoder + projector parameters (``encoder.*``, ``projector.*``), sorted: the ``theta`` of
+        PTNU, in the target's key order after dropping the ``target.`` prefix."""
         return [k[len(TARGET_PREFIX):] for k in self.target_keys()]
 
     def target_state(self) -> dict[str, Tensor]:
