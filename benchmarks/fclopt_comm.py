@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, (job, extra) in MODES.items():
         sets = [f"steps_per_round={a.steps}", *extra, *[s for s in a.set if not (extra and s.startswith("dp_"))]]
         ws = tmp / mode.replace("+", "_")
-        rc = flssl(["simulate", "--job", job, "--data", str(data), "-w", str(ws), "--sites", str(a.sites), "--rounds",
-                    str(a.rounds), "--quiet", *[x for s in sets for x in ("--set", s)]])
+        rc = flssl(["simulate", "--job", job, "--data", str(data), "-w", str(ws), "--sites", str(a.sites), "--threads",
+                    str(a.sites), "--rounds", str(a.rounds), "--quiet", *[x for s in sets for x in ("--set", s)]])
         if rc != 0:
             print(f"{mode}: simulation failed (rc {rc}); log {ws}_simulate.log", file=sys.stderr)
             return rc
