@@ -60,7 +60,7 @@ def test_weighted_average_resets_between_rounds_and_names_key_mismatch():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"handler": "nope"}, r"unknown task handler 'nope'; registered: \['dino', 'finetune', 'ssl', 'stagewise'\]"),
+    ({"handler": "nope"}, r"unknown task handler 'nope'; registered: \['dino', 'fcl', 'fclopt', 'finetune', 'ssl', 'stagewise'\]"),
     ({"handler": "ssl", "imports": ["no_such_plugin_module"]},
      r"plugin module 'no_such_plugin_module' \(job setting 'imports'\) cannot be imported on this site"),
     ({"handler": "ssl", "handler_args": {"method": "nope", "config": {}}}, r"unknown method 'nope'; registered:"),
