@@ -10,7 +10,9 @@ Per round r (from the run's TensorBoard events: the server's ``fcl/*`` scalars a
 * bytes per site: weights down (once, with the extraction task) and up (the train result), float32, from the
   method's federated state; features up (the site's ``M x (D_f + 1)`` arrays) and down (the other sites').
 
-Prints a table of rounds 1.. (round 0 includes start-up) and the medians as ratios of the round.
+Prints a table of rounds 1.. (round 0 includes start-up) and the medians as ratios of the round; then runs
+``fcl_noexchange_pretrain`` with the same settings and prints both median round times (aggregation to aggregation):
+their difference is what the exchange costs a round (the weights travel once per round in both).
 
     python benchmarks/fcl_exchange.py                                   # 3 synthetic sites, 5 rounds x 5 steps
     python benchmarks/fcl_exchange.py --data runs/acdc3 --rounds 4 --steps 20
@@ -61,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     sets = [f"steps_per_round={a.steps}", *a.set]
     # one simulator thread per site: with fewer, the simulator swaps sites in and out and every swap restarts a
     # site's handler (data loading inside the measured phases: 25-30 s of a 58 s round in a first run)
-    rc = flssl(["simulate", "--job", "fcl_pretrain", "--data", str(data), "-w", str(tmp / "ws"), "--sites",
-                str(a.sites), "--threads", str(a.sites), "--rounds", str(a.rounds), "--quiet",
-                *[x for s in sets for x in ("--set", s)]])
-    if rc != 0:
-        print(f"simulation failed (rc {rc}); log: {tmp / 'ws_simulate.log'}", file=sys.stderr)
-        return rc
+    for job, ws in (("fcl_pretrain", "ws"), ("fcl_noexchange_pretrain", "ws_noexchange")):
+        rc = flssl(["simulate", "--job", job, "--data", str(data), "-w", str(tmp / ws), "--sites",
+                    str(a.sites), "--threads", str(a.sites), "--rounds", str(a.rounds), "--quiet",
+                    *[x for s in sets for x in ("--set", s)]])
+        if rc != 0:
+            print(f"{job}: simulation failed (rc {rc}); log: {tmp / (ws + '_simulate.log')}", file=sys.stderr)
+            return rc
     s = job_settings("fcl_pretrain", parse_set(sets))
     weights = sum(v.numel() * 4 for v in build("fcl", s["fcl"]).federated_state_dict().values())
     tb = tmp / "ws" / "server" / "simulate_job" / "tb_events"
@@ -107,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             "share_of_round": {k: med[k] / med["round_s"] for k in ("exchange_s", "extract_compute_s", "polling_s",
                                                                      "train_s")},
         }
+        # the same job without the exchange: round wall time between consecutive aggregations (the server's
+        # rejected_updates scalar is written once per round), rounds 1..
+        plain = scalars(tmp / "ws_noexchange" / "server" / "simulate_job" / "tb_events" / "simulator_server")
+        agg = plain["rejected_updates"]
+        plain_rounds = [agg[i + 1].wall_time - agg[i].wall_time for i in range(len(agg) - 1)]
+        with_ex = scalars(tb / "simulator_server")["rejected_updates"]
+        ex_rounds = [with_ex[i + 1].wall_time - with_ex[i].wall_time for i in range(len(with_ex) - 1)]
+        summary["round_s_median"] = {"with_exchange": statistics.median(ex_rounds),
+                                     "without_exchange": statistics.median(plain_rounds)}
+        summary["exchange_cost_s"] = statistics.median(ex_rounds) - statistics.median(plain_rounds)
         print(json.dumps(summary, indent=1))
     print(f"run folder: {tmp}")
     return 0
