@@ -116,14 +116,6 @@ def test_fclopt_alone_carries_the_target_both_ways_and_accounting_matches_the_pa
     assert want["target"] > 0 and want["online"] == want["target"]  # the target is a copy of the online network
 
 
-def test_ptnu_traffic_is_below_fclopt(tmp_path, synth_seg_data):
-    _run(tmp_path / "a", synth_seg_data, "fedavg", rounds=2)
-    _run(tmp_path / "b", synth_seg_data, "ptnu", dp=1e9, rounds=2)
-    a = json.loads((tmp_path / "a" / COMM_FILE).read_text())["bytes_per_site_per_round"]["total"]
-    b = json.loads((tmp_path / "b" / COMM_FILE).read_text())["bytes_per_site_per_round"]["total"]
-    assert b < 0.6 * a
-
-
 def test_handler_refuses_a_round_it_cannot_predict(synth_seg_data):
     h = _handlers(synth_seg_data, "ptnu", None)["site-1"]
     params = {k: v.numpy() for k, v in h.method.federated_state_dict().items()}
