@@ -42,11 +42,69 @@ from fl_plugins.engine.method import MethodBase
 from fl_plugins.models.backbones import build_backbone
 from fl_plugins.models.unet import UNET_DEFAULTS
 
-__all__ = ["FCLConfig", "FCLMethod", "augment_view"]
+__all__ = ["FCLConfig", "FCLMethod", "SliceContrastSettings", "augment_view"]
+
+
+class SliceContrastSettings:
+    """What the settings of the slice-contrastive methods (``fcl``, ``fclopt``) share: validation of the common
+    fields, ``from_dict`` / ``to_dict`` and the backbone settings with the U-Net defaults. Subclasses are frozen
+    dataclasses with the fields named here and set :attr:`SECTION` (the name in messages)."""
+
+    SECTION = "?"
+
+    def _bad(self, name: str, why: str) -> ValueError:
+        return ValueError(f"{self.SECTION} setting {name!r}={getattr(self, name)!r}: {why}")
+
+    def check_common(self, positive_ints: tuple[str, ...], volumes_why: str) -> None:
+        """Raise ``ValueError`` naming the setting for a bad shared value."""
+        for name in ("image_size", "num_partitions", *positive_ints):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise self._bad(name, "must be an int >= 1")
+        v = self.volumes_per_batch
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise self._bad("volumes_per_batch", f"must be an int >= 2 ({volumes_why})")
+        cs = tuple(self.crop_scale)
+        if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
+            raise self._bad("crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
+        if not 0 <= self.intensity < 1:
+            raise self._bad("intensity", "must be in [0, 1)")
+        if not self.lr > 0:
+            raise self._bad("lr", "must be > 0")
+        total = self.total_steps
+        if total is not None and total < 1:
+            raise self._bad("total_steps", "must be >= 1 or None")
+        if not isinstance(self.backbone, Mapping):
+            raise self._bad("backbone", "must be a dict of build_backbone settings")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {cls.SECTION} setting(s) {unknown}; known: {known}")
+        d = dict(d)
+        if "backbone" in d:
+            d["backbone"] = {"kind": "unet_encoder", **dict(d["backbone"] or {})}
+        if "crop_scale" in d:
+            d["crop_scale"] = tuple(d["crop_scale"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)  # type: ignore[call-overload]
+        out["crop_scale"] = list(self.crop_scale)
+        return out
+
+    def backbone_settings(self) -> dict[str, Any]:
+        """The backbone's ``build_backbone`` settings with the U-Net defaults filled in (``unet_encoder``)."""
+        b = dict(self.backbone)
+        if b.get("kind", "unet_encoder") == "unet_encoder":
+            return {"kind": "unet_encoder", **UNET_DEFAULTS, **{k: v for k, v in b.items() if k != "kind"}}
+        return b
 
 
 @dataclass(frozen=True)
-class FCLConfig:
+class FCLConfig(SliceContrastSettings):
     """Settings of FCL ([V] methods-spec 7.2-7.6 where marked; [R] reconstruction or CPU-scale choice).
 
     Attributes:
@@ -97,57 +155,14 @@ class FCLConfig:
     weight_decay: float = 1e-5
     seed: int = 0
 
+    SECTION = "fcl"
+
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"fcl setting {name!r}={getattr(self, name)!r}: {why}")
-
-        for name in ("image_size", "num_partitions", "proj_dim", "num_negatives"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "must be an int >= 1")
-        if isinstance(self.volumes_per_batch, bool) or not isinstance(self.volumes_per_batch, int) \
-                or self.volumes_per_batch < 2:
-            raise bad("volumes_per_batch", "must be an int >= 2 (local positives come from other volumes)")
+        self.check_common(("proj_dim", "num_negatives"), "local positives come from other volumes")
         if not self.temperature > 0:
-            raise bad("temperature", "must be > 0")
+            raise self._bad("temperature", "must be > 0")
         if not 0.0 <= self.momentum <= 1.0:
-            raise bad("momentum", "must be in [0, 1]")
-        cs = tuple(self.crop_scale)
-        if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
-            raise bad("crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
-        if not 0 <= self.intensity < 1:
-            raise bad("intensity", "must be in [0, 1)")
-        if not self.lr > 0:
-            raise bad("lr", "must be > 0")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise bad("total_steps", "must be >= 1 or None")
-        if not isinstance(self.backbone, Mapping):
-            raise bad("backbone", "must be a dict of build_backbone settings")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FCLConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown fcl setting(s) {unknown}; known: {known}")
-        d = dict(d)
-        if "backbone" in d:
-            d["backbone"] = {"kind": "unet_encoder", **dict(d["backbone"] or {})}
-        if "crop_scale" in d:
-            d["crop_scale"] = tuple(d["crop_scale"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["crop_scale"] = list(self.crop_scale)
-        return out
-
-    def backbone_settings(self) -> dict[str, Any]:
-        """The backbone's ``build_backbone`` settings with the U-Net defaults filled in (``unet_encoder``)."""
-        b = dict(self.backbone)
-        if b.get("kind", "unet_encoder") == "unet_encoder":
-            return {"kind": "unet_encoder", **UNET_DEFAULTS, **{k: v for k, v in b.items() if k != "kind"}}
-        return b
+            raise self._bad("momentum", "must be in [0, 1]")
 
 
 def augment_view(x: Tensor, rng: torch.Generator, crop_scale: tuple[float, float], intensity: float,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,9 +37,8 @@ from torch import Tensor, nn
 from fl_plugins.core.ema import update_momentum
 from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
 from fl_plugins.engine.method import MethodBase
-from fl_plugins.methods.fcl import augment_view
+from fl_plugins.methods.fcl import SliceContrastSettings, augment_view
 from fl_plugins.models.backbones import build_backbone
-from fl_plugins.models.unet import UNET_DEFAULTS
 
 __all__ = ["FCLOptConfig", "FCLOptMethod", "TARGET_MODES", "TARGET_PREFIX", "structural_pairs"]
 
@@ -48,7 +47,7 @@ TARGET_PREFIX = "target."
 
 
 @dataclass(frozen=True)
-class FCLOptConfig:
+class FCLOptConfig(SliceContrastSettings):
     """Settings of FCLOpt ([R] throughout: methods-spec 7.8 reconstruction; sizes for 64 px CPU runs).
 
     Attributes:
@@ -83,54 +82,14 @@ class FCLOptConfig:
     weight_decay: float = 1e-5
     seed: int = 0
 
+    SECTION = "fclopt"
+
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"fclopt setting {name!r}={getattr(self, name)!r}: {why}")
-
-        for name in ("image_size", "num_partitions", "proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, "must be an int >= 1")
-        if isinstance(self.volumes_per_batch, bool) or not isinstance(self.volumes_per_batch, int) \
-                or self.volumes_per_batch < 2:
-            raise bad("volumes_per_batch", "must be an int >= 2 (a positive is a slice of another volume)")
+        self.check_common(("proj_hidden_dim", "proj_dim", "pred_hidden_dim"), "a positive is a slice of another volume")
         if not 0.0 <= self.target_momentum <= 1.0:
-            raise bad("target_momentum", "must be in [0, 1]")
+            raise self._bad("target_momentum", "must be in [0, 1]")
         if self.target_mode not in TARGET_MODES:
-            raise bad("target_mode", f"must be one of {list(TARGET_MODES)}")
-        cs = tuple(self.crop_scale)
-        if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
-            raise bad("crop_scale", "must be [lo, hi] with 0 < lo <= hi <= 1")
-        if not 0 <= self.intensity < 1:
-            raise bad("intensity", "must be in [0, 1)")
-        if not self.lr > 0:
-            raise bad("lr", "must be > 0")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise bad("total_steps", "must be >= 1 or None")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FCLOptConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown fclopt setting(s) {unknown}; known: {known}")
-        d = dict(d)
-        if "backbone" in d:
-            d["backbone"] = {"kind": "unet_encoder", **dict(d["backbone"] or {})}
-        if "crop_scale" in d:
-            d["crop_scale"] = tuple(d["crop_scale"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["crop_scale"] = list(self.crop_scale)
-        return out
-
-    def backbone_settings(self) -> dict[str, Any]:
-        b = dict(self.backbone)
-        if b.get("kind", "unet_encoder") == "unet_encoder":
-            return {"kind": "unet_encoder", **UNET_DEFAULTS, **{k: v for k, v in b.items() if k != "kind"}}
-        return b
+            raise self._bad("target_mode", f"must be one of {list(TARGET_MODES)}")
 
 
 def structural_pairs(part: Tensor, vol: Tensor) -> Tensor:
