@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_schedule", "linear_warmup_then_constant", "cosine_with_warmup"]
+__all__ = ["cosine_schedule", "linear_warmup_then_constant", "cosine_with_warmup", "warmup_cosine_or_constant"]
 
 
 def _check_non_negative(**values: int) -> None:
@@ -107,3 +107,13 @@ def cosine_with_warmup(
     if step < warmup_steps:
         return linear_warmup_then_constant(step, warmup_steps, warmup_start_value, base_value)
     return cosine_schedule(step - warmup_steps, total_steps - warmup_steps, base_value, final_value)
+
+
+def warmup_cosine_or_constant(step: int, lr: float, warmup_steps: int, total_steps: int | None,
+                              min_lr_ratio: float) -> float:
+    """The learning rate of a method whose horizon may be unknown: linear warm-up from 0, then cosine decay to
+    ``lr * min_lr_ratio`` at ``total_steps`` (:func:`cosine_with_warmup`), or constant ``lr`` when ``total_steps``
+    is None (:func:`linear_warmup_then_constant`)."""
+    if total_steps is None:
+        return linear_warmup_then_constant(step, warmup_steps, 0.0, lr)
+    return cosine_with_warmup(step, total_steps, warmup_steps, lr, lr * min_lr_ratio)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fl_plugins.core.ema import update_momentum
-from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
+from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.methods.fcl import SliceContrastSettings, augment_view
 from fl_plugins.models.backbones import build_backbone
@@ -176,9 +176,7 @@ class FCLOptMethod(MethodBase):
 
     def lr_at(self, global_step: int) -> float:
         c = self.config
-        if c.total_steps is None:
-            return linear_warmup_then_constant(global_step, c.warmup_steps, 0.0, c.lr)
-        return cosine_with_warmup(global_step, c.total_steps, c.warmup_steps, c.lr, c.lr * c.min_lr_ratio)
+        return warmup_cosine_or_constant(global_step, c.lr, c.warmup_steps, c.total_steps, c.min_lr_ratio)
 
     def after_step(self, global_step: int) -> dict[str, float]:
         update_momentum(self.encoder, self.target["encoder"], self.config.target_momentum)

@@ -34,7 +34,7 @@ from fl_plugins.core.mim import (
     patch_mask_to_pixels,
     random_patch_mask,
 )
-from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
+from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.finetune import augment_flip_rot90
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.models.unet import UNET_DEFAULTS, build_unet
@@ -149,9 +149,7 @@ class UNetInpaintMethod(MethodBase):
 
     def lr_at(self, global_step: int) -> float:
         c = self.config
-        if c.total_steps is None:
-            return linear_warmup_then_constant(global_step, c.warmup_steps, 0.0, c.lr)
-        return cosine_with_warmup(global_step, c.total_steps, c.warmup_steps, c.lr, c.lr * c.min_lr_ratio)
+        return warmup_cosine_or_constant(global_step, c.lr, c.warmup_steps, c.total_steps, c.min_lr_ratio)
 
     def _check_images(self, x: Tensor) -> None:
         want = (self.config.image_size,) * self.spatial_dims
