@@ -186,6 +186,21 @@ def cmd_export_jobs(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(a: argparse.Namespace) -> int:
+    from fl_plugins.flare.resume import ResumeError, make_resume_job
+
+    try:
+        done = make_resume_job(a.checkpoint, a.job, a.out)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    first, last = done["rounds"]
+    print(f"wrote {done['out']} (job {done['name']!r}): resumes run {done['run_id']} of job {done['from_job']} after "
+          f"its round {done['completed_round']}, runs rounds {first}..{last}")
+    print(f"submit it: nvflare job submit -j {done['out']}   (or in the admin console: submit_job {done['out']})")
+    return 0
+
+
 def cmd_list_jobs(a: argparse.Namespace) -> int:
     from fl_plugins.flare.job_builder import JOBS
 
@@ -568,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="jobs")
     s.add_argument("names", nargs="*")
     s.set_defaults(fn=cmd_export_jobs)
+
+    s = sub.add_parser("resume", help="write a job folder that resumes a crashed job from its last completed round "
+                                      "(the server's <job>/app_server/round_checkpoint.pt)")
+    s.add_argument("--checkpoint", required=True, help="round_checkpoint.pt from the crashed job's server app folder")
+    s.add_argument("--job", required=True, help="the job folder that was submitted (e.g. jobs/finetune_seg_unet)")
+    s.add_argument("--out", required=True, help="new job folder to write (must not exist)")
+    s.set_defaults(fn=cmd_resume)
 
     s = sub.add_parser("init-workspace", help="prepare a simulator workspace (allow list + site data location)")
     s.add_argument("--workspace", "-w", required=True)

@@ -13,6 +13,7 @@ __all__ = [
     "TASK_SUBMIT_MODEL",
     "META_NUM_STEPS",
     "META_CLIENT_NAME",
+    "META_RUN_ID",
     "META_CURRENT_ROUND",
     "META_TOTAL_ROUNDS",
     "TASK_REPORT_TASK",
@@ -49,6 +50,9 @@ META_CLIENT_NAME = "client_name"
 #: nvflare ``FLMetaKey.CURRENT_ROUND`` / ``FLMetaKey.TOTAL_ROUNDS``.
 META_CURRENT_ROUND = "current_round"
 META_TOTAL_ROUNDS = "total_rounds"
+#: server -> site, with every training task: the run's id (the first job of a chain of resumes,
+#: fl_plugins.flare.resume); a site keys the state it keeps between rounds by it, so a resumed job finds it
+META_RUN_ID = "run_id"
 
 # -- stage-wise fine-tuning (MedUniverse: fl_plugins.flare.stagewise / stage_handler) ----------------------------------
 #: server -> site, no params; the site answers with its task in ``meta`` (the META_* keys below, no params)

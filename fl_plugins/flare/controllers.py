@@ -43,20 +43,26 @@ import random
 import threading
 from typing import Any
 
-from nvflare.apis.controller_spec import Task
+from nvflare.apis.controller_spec import Task, TaskCompletionStatus
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fl_plugins.engine.checkpoint import atomic_torch_save, atomic_write_text
 from fl_plugins.flare.aggregators import META_NR_AGGREGATED, META_NR_REJECTED, META_REJECTED_REASONS, WeightedAverage
+from fl_plugins.flare.resume import RoundCheckpoint
 from fl_plugins.flare.update_check import Rejection, site_of
-from fl_plugins.wire import META_CLIENT_NAME, TASK_VALIDATE
+from fl_plugins.wire import META_CLIENT_NAME, META_RUN_ID, TASK_VALIDATE
 
-__all__ = ["BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness",
+__all__ = ["DEFAULT_ROUND_TIMEOUT", "BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness",
            "UpdateValidation", "plain_metrics"]
+
+#: Seconds a site may take to answer one task (a round's training, a validation, a stage) before the round goes on
+#: without it (job setting ``fl.round_timeout``; 0 = no limit). An hour: far above a round of the ready jobs on a
+#: CPU (minutes), short enough that a hung site costs an hour, not the job.
+DEFAULT_ROUND_TIMEOUT = 3600
 
 #: The analytics event the job's server-side ``TBAnalyticsReceiver`` writes (the sites' scalars arrive as it too).
 SERVER_TB_EVENT = "fed.analytix_log_stats"
@@ -108,11 +114,16 @@ class SiteLiveness:
 
     num_clients: int
 
-    def init_site_liveness(self, sites_per_round: int | None = None) -> None:
+    def init_site_liveness(self, sites_per_round: int | None = None,
+                           round_timeout: int = DEFAULT_ROUND_TIMEOUT) -> None:
+        _check_int("round_timeout", round_timeout, 0)
         self.sites_per_round = sites_per_round
+        self.round_timeout = round_timeout
         self._phase: str | None = None  # "round <n>" / "the final validation", for log messages
         self._own_tasks: list[Task] = []  # tasks this workflow broadcast (the standing ones are pruned lazily)
         self._own_tasks_lock = threading.Lock()
+        #: site -> where it last failed to answer in time; skipped until it reconnects or sends a late result
+        self.unresponsive: dict[str, str] = {}
 
     def _site_names(self) -> list[str]:
         """Every site of the job (FLARE's job participants, dead or alive), sorted."""
@@ -122,10 +133,11 @@ class SiteLiveness:
         return sorted(c.name for c in engine.get_clients())
 
     def connected_sites(self) -> tuple[list[str], list[str]]:
-        """(connected, disconnected) site names: FLARE's job participants split by ``get_client_disconnect_time``."""
+        """(connected, disconnected) site names: FLARE's job participants split by ``get_client_disconnect_time``;
+        a site that did not answer a task within ``round_timeout`` (:attr:`unresponsive`) counts as disconnected."""
         alive, gone = [], []
         for name in self._site_names():
-            (gone if self.get_client_disconnect_time(name) else alive).append(name)
+            (gone if self.get_client_disconnect_time(name) or name in self.unresponsive else alive).append(name)
         return alive, gone
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
@@ -140,8 +152,16 @@ class SiteLiveness:
         del num_clients
         where = self._where()
         alive, gone = self.connected_sites()
-        if gone:
-            self.log_warning(self.fl_ctx, f"{where}: skipping disconnected site(s) {gone}", fire_event=False)
+        silent = [s for s in gone if s in self.unresponsive]
+        lost = [s for s in gone if s not in self.unresponsive]
+        if lost:
+            self.log_warning(self.fl_ctx, f"{where}: skipping disconnected site(s) {lost}", fire_event=False)
+        for site in silent:
+            self.log_warning(self.fl_ctx, f"{where}: skipping {site}: it did not answer {self.unresponsive[site]} "
+                                          f"within round_timeout={self.round_timeout}s and has not been heard of since "
+                                          f"(nvflare 2.9.0 does not give a FLARE client restarted during a job its part "
+                                          f"of the job back); it takes part again if it reconnects or sends a late "
+                                          f"result", fire_event=False)
         if len(alive) < self.num_clients:
             raise NotEnoughSitesError(
                 f"{where}: only {len(alive)} connected site(s) {alive} (disconnected: {gone}); "
@@ -162,14 +182,56 @@ class SiteLiveness:
     # ------------------------------------------------------------------------------------------------ events
 
     def broadcast(self, task: Task, *args: Any, **kwargs: Any) -> None:
-        """``Controller.broadcast``, remembering ``task`` so a lost site can be dropped from its targets."""
-        self._remember(task)
+        """``Controller.broadcast``, remembering ``task`` so a lost site can be dropped from its targets, with the
+        round timeout (:meth:`_watch`)."""
+        self._watch(task)
         super().broadcast(task, *args, **kwargs)
 
     def broadcast_and_wait(self, task: Task, *args: Any, **kwargs: Any) -> None:
         """``Controller.broadcast_and_wait``, remembering ``task`` (see :meth:`broadcast`)."""
-        self._remember(task)
+        self._watch(task)
         super().broadcast_and_wait(task, *args, **kwargs)
+
+    def _watch(self, task: Task) -> None:
+        """Remember ``task``; give it ``round_timeout`` when it has no timeout of its own; when it ends by timing out,
+        its targets that sent no result become :attr:`unresponsive` (logged with the site, the phase and the
+        timeout)."""
+        self._remember(task)
+        if not task.timeout and self.round_timeout:
+            task.timeout = self.round_timeout
+        where = self._where()
+        inner = task.task_done_cb
+
+        def done(task: Task, fl_ctx: FLContext) -> None:
+            if task.completion_status == TaskCompletionStatus.TIMEOUT:
+                self.mark_unresponsive(task, where, fl_ctx)
+            if inner is not None:
+                inner(task=task, fl_ctx=fl_ctx)
+
+        task.task_done_cb = done
+
+    def mark_unresponsive(self, task: Task, where: str, fl_ctx: FLContext) -> list[str]:
+        """The targets of a timed-out ``task`` without a result: skipped from now on (see :meth:`sample_clients`)."""
+        answered = {ct.client.name for ct in task.client_tasks if ct.result_received_time is not None}
+        silent = sorted(set(task.targets or []) - answered)
+        for site in silent:
+            self.unresponsive[site] = f"{where} (task {task.name!r})"
+        if silent:
+            alive, _ = self.connected_sites()
+            self.log_warning(fl_ctx, f"{where}: task {task.name!r} timed out after round_timeout={task.timeout}s "
+                                     f"without a result from {silent}: the round goes on with the results it has; "
+                                     f"{len(alive)} site(s) remain: {alive}", fire_event=False)
+        return silent
+
+    def process_result_of_unknown_task(self, client: Any, task_name: str, client_task_id: str, result: Any,
+                                       fl_ctx: FLContext) -> None:
+        """A result for a task that already ended (it came after ``round_timeout``): discarded (it belongs to a round
+        that is over), and its site, alive after all, takes part again from the next round."""
+        site = getattr(client, "name", str(client))
+        was = self.unresponsive.pop(site, None)
+        self.log_warning(fl_ctx, f"{self._where()}: late result of {site} for task {task_name!r} discarded (its task "
+                                 f"had ended{f': {was}' if was else ''}); {site} takes part again from the next round",
+                         fire_event=False)
 
     def _remember(self, task: Task) -> None:
         with self._own_tasks_lock:
@@ -184,6 +246,7 @@ class SiteLiveness:
         elif event_type == EventType.CLIENT_RECONNECTED:
             site = fl_ctx.get_prop(FLContextKey.RECONNECTED_CLIENT_NAME)
             if site:
+                self.unresponsive.pop(str(site), None)
                 self.log_info(fl_ctx, f"site {site} reconnected during {self._where()}: it takes part again from the "
                                       "next round")
 
@@ -370,7 +433,8 @@ class UpdateValidation:
             self.log_warning(self.fl_ctx, f"cannot write {tag!r} to the server's TensorBoard: {e}", fire_event=False)
 
 
-class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelection, UpdateValidation, FedAvg):
+class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelection, UpdateValidation, RoundCheckpoint,
+                                FedAvg):
     """FedAvg over all connected sites, dropping lost sites, validating every result, + final validation (see the
     module docstring).
 
@@ -382,7 +446,13 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         sites_per_round: sites that train in each round: ``None`` (default) = every connected site; ``k`` = a random
             ``k`` of them each round (``>= num_clients``).
         final_validation: run the extra ``validate`` phase after the last round.
-        validation_timeout: seconds to wait for the validation results (0 = no limit).
+        validation_timeout: seconds to wait for the validation results (0 = ``round_timeout``).
+        round_timeout: seconds a site may take to answer a task before the round goes on without it; the site is then
+            skipped until it reconnects or sends a late result (0 = no limit; default :data:`DEFAULT_ROUND_TIMEOUT`).
+        resume_from: a ``round_checkpoint.pt`` of a crashed run of this job (absolute, or relative to the server
+            app's ``config/`` folder): start after its last completed round (:mod:`fl_plugins.flare.resume`).
+        memory_gc_rounds: nvflare's server memory clean-up (``gc.collect`` + ``malloc_trim``) every N rounds
+            (0 = off; default 1, what nvflare's ``ScatterAndGather`` uses).
         key_metric: the site metric that picks the best global model (:class:`BestModelSelection`); None = off.
         aggregator: a ``ModelAggregator``; None = :class:`~fl_plugins.flare.aggregators.WeightedAverage` with its
             default update-norm bound (jobs pass one with the job's ``fl.update_norm_bound``).
@@ -399,6 +469,9 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         final_validation: bool = True,
         validation_timeout: int = 0,
         key_metric: str | None = None,
+        round_timeout: int = DEFAULT_ROUND_TIMEOUT,
+        resume_from: str | None = None,
+        memory_gc_rounds: int = 1,
         **kwargs: Any,
     ) -> None:
         _check_int("num_clients", num_clients, 1)
@@ -408,15 +481,17 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
                 f"sites_per_round must be >= num_clients ({num_clients}, the minimum number of sites per round), "
                 f"got {sites_per_round}"
             )
-        super().__init__(*args, num_clients=num_clients, **kwargs)
+        super().__init__(*args, num_clients=num_clients, memory_gc_rounds=memory_gc_rounds, **kwargs)
         if self.aggregator is None:  # nvflare's built-in streaming average validates nothing
             if self.aggregation_weights:
                 raise ValueError("aggregation_weights needs nvflare's built-in average, which validates nothing; "
                                  f"pass an aggregator instead (got {self.aggregation_weights!r})")
             self.aggregator = WeightedAverage(exclude_vars=self.exclude_vars)
-        self.init_site_liveness(sites_per_round)
+        self.init_site_liveness(sites_per_round, round_timeout)
         self.init_final_validation(final_validation, validation_timeout)
         self.init_best_model(key_metric)
+        self.init_round_checkpoint(resume_from)
+        self.total_rounds = self.start_round + self.num_rounds  # the job's rounds, counted from round 0
         self._last_model: FLModel | None = None
         self._round_metrics: dict[str, dict[str, Any]] = {}
 
@@ -431,7 +506,14 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
             communicator._task_check_period = self._task_check_period
 
     def save_model(self, model: FLModel) -> None:
+        """The persistor's save, then the round checkpoint (:mod:`fl_plugins.flare.resume`)."""
         self._last_model = model
+        self.persist_model(model)
+        if self.current_round is not None:
+            self.write_round_checkpoint(model, int(self.current_round), self.total_rounds)
+
+    def persist_model(self, model: FLModel) -> None:
+        """``FedAvg.save_model``: the job's persistor (``FL_global_model.pt``)."""
         super().save_model(model)
 
     def send_model(self, task_name: str = "train", data: FLModel | None = None, *args: Any, **kwargs: Any) -> None:
@@ -439,6 +521,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         model it will check the results against (``FedAvg.run`` resets the aggregator just before)."""
         if task_name == self.task_name and data is not None:
             self.expect_results(data, self.current_round)
+            data.meta = {**(data.meta or {}), META_RUN_ID: self.run_id}
         super().send_model(task_name, data, *args, **kwargs)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
@@ -477,6 +560,12 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
 
     def run(self) -> None:
         self._phase = None
+        if self.resume_from:
+            ckpt = self.read_resume_checkpoint(self.total_rounds, self.load_model())
+            assert ckpt is not None
+            self.model = FLModel(params=ckpt["params"], params_type=ParamsType(ckpt["params_type"]))
+            self.start_round = int(ckpt["round"]) + 1
+            self.num_rounds = self.total_rounds - self.start_round
         super().run()
         if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
             return

@@ -198,6 +198,17 @@ class FCLOptController(FedAvgWithFinalValidation):
         self.log_server_scalar("ptnu/target_uploads", len(uploads), rnd)
         return new
 
+    # -- resume (fl_plugins.flare.resume) ---------------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        """The predicted target (every site is resynchronised in the first resumed round), whether the next round
+        sends a DP correction, and the byte accounting so far (the summary covers the whole run)."""
+        return {"xi_hat": self.xi_hat, "correction": self._correction, "comm": self.comm}
+
+    def restore_resume_state(self, extra: dict[str, Any]) -> None:
+        self.xi_hat = extra.get("xi_hat")
+        self._correction = bool(extra.get("correction", False))
+        self.comm = list(extra.get("comm") or [])
+
     # -- accounting ----------------------------------------------------------------------------------------------
     def _log_comm(self, rnd: int) -> None:
         if not self.comm or self.comm[-1]["round"] != rnd:

@@ -23,6 +23,7 @@ from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 
 from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
+from fl_plugins.flare.controllers import DEFAULT_ROUND_TIMEOUT
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, check_norm_bound
 from fl_plugins.methods.dino_config import DINOConfig
@@ -79,6 +80,16 @@ class FLSettings:
     # (> 1; null = off); 10: honest sites stay within a few x, a poisoned/diverged update is orders larger
     # (fl_plugins/flare/update_check.py)
     update_norm_bound: float | None = DEFAULT_NORM_BOUND
+    # s a site may take to answer a task before the round goes on without it (0 = no limit;
+    # fl_plugins/flare/controllers.py DEFAULT_ROUND_TIMEOUT)
+    round_timeout: int = DEFAULT_ROUND_TIMEOUT
+    # a round_checkpoint.pt to start from (absolute on the server, or relative to the server app's config/ folder,
+    # where `flssl resume` puts it); null = start at round 0 (fl_plugins/flare/resume.py)
+    resume_from: str | None = None
+    # nvflare's memory clean-up (gc.collect + malloc_trim) every N rounds on the server / N training tasks on a site
+    # (0 = off); 1 = what nvflare's ScatterAndGather does (benchmarks/memory_soak.py measures RSS over 100 rounds)
+    server_memory_gc_rounds: int = 1
+    client_memory_gc_rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_TYPES:
@@ -98,6 +109,20 @@ class FLSettings:
         if not 0 < self.task_check_period <= 60:
             raise ValueError(f"task_check_period must be in (0, 60] seconds, got {self.task_check_period}")
         self.update_norm_bound = check_norm_bound(self.update_norm_bound, "fl.update_norm_bound")
+        for knob in ("round_timeout", "server_memory_gc_rounds", "client_memory_gc_rounds"):
+            v = getattr(self, knob)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"fl.{knob} must be an int >= 0, got {v!r}")
+        if self.resume_from is not None and (not isinstance(self.resume_from, str) or not self.resume_from.strip()):
+            raise ValueError(f"fl.resume_from must be the path of a round_checkpoint.pt or null, got "
+                             f"{self.resume_from!r}")
+
+    def controller_args(self) -> dict[str, Any]:
+        """The robustness settings every FedAvg-family controller takes (``resume_from`` only when set)."""
+        out: dict[str, Any] = {"round_timeout": self.round_timeout, "memory_gc_rounds": self.server_memory_gc_rounds}
+        if self.resume_from:
+            out["resume_from"] = self.resume_from
+        return out
 
 
 def build_fedavg_job(
@@ -147,6 +172,7 @@ def build_fedavg_job(
         task_check_period=fl.task_check_period,
         aggregator=aggregator,
         key_metric=fl.key_metric,
+        **fl.controller_args(),
         **dict(controller_args or {}),
     )
     job.to_server(controller, id="controller")
@@ -155,7 +181,8 @@ def build_fedavg_job(
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": fl.task_request_interval}})
     if client == "executor":
-        job.to_clients(HandlerExecutor(handler=handler, handler_args=handler_args, imports=imports), tasks=tasks)
+        job.to_clients(HandlerExecutor(handler=handler, handler_args=handler_args, imports=imports,
+                                       memory_gc_rounds=fl.client_memory_gc_rounds), tasks=tasks)
     else:
         _add_client_api(job, {"handler": handler, "handler_args": handler_args, "imports": list(imports or [])})
     for f in plugin_files or []:
@@ -622,6 +649,9 @@ def _stagewise_builder(name: str, s: dict[str, Any]) -> FedJob:
                          f"fl.num_rounds (--rounds)")
     if fl.update_norm_bound not in (DEFAULT_NORM_BOUND, sw["norm_bound"]):
         raise ValueError(f"job {name!r}: set stagewise.norm_bound instead of fl.update_norm_bound")
+    if fl.resume_from:
+        raise ValueError(f"job {name!r}: fl.resume_from={fl.resume_from!r}: the stage-wise workflow cannot resume "
+                         "from a checkpoint yet (its per-stage bases are kept: stage_<s>_base.pt)")
     # fl.controller / fl.aggregator: this job has its own workflow and aggregate (StagewiseController,
     # StageAggregator); "fedavg" / "weighted_average" are the only values FLSettings accepts and are not used here
     model_cfg = dict(s["model"])
@@ -636,7 +666,8 @@ def _stagewise_builder(name: str, s: dict[str, Any]) -> FedJob:
         num_clients=fl.min_clients, num_stages=sw["num_stages"], k_per_stage=sw["k_per_stage"],
         schedule=sw["schedule"], weighting=sw["weighting"], damping=sw["damping"], norm_bound=sw["norm_bound"],
         validate_every_stage=sw["validate_every_stage"], stage_timeout=sw["stage_timeout"],
-        key_metric=fl.key_metric or "val_accuracy", task_check_period=fl.task_check_period)
+        key_metric=fl.key_metric or "val_accuracy", task_check_period=fl.task_check_period,
+        round_timeout=fl.round_timeout)
     job.to_server(controller, id="controller")
     job.to_server(StageBasePersistor(model_config=model_cfg, seed=fl.seed), id="persistor")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")
@@ -644,7 +675,8 @@ def _stagewise_builder(name: str, s: dict[str, Any]) -> FedJob:
     args = {"model": {k: v for k, v in model_cfg.items() if k != "pretrained"},  # the base comes from the server
             "trainer": {**trainer, "steps_per_stage": steps}, "image_size": s["image_size"],
             "num_slices": s["volume"]["num_slices"], "num_stages": sw["num_stages"]}
-    job.to_clients(HandlerExecutor(handler="stagewise", handler_args=args), tasks=list(handler_class("stagewise").TASKS))
+    job.to_clients(HandlerExecutor(handler="stagewise", handler_args=args, memory_gc_rounds=fl.client_memory_gc_rounds),
+                   tasks=list(handler_class("stagewise").TASKS))
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
     if fl.quantization:
         _add_stage_quantization(job, fl.quantization)

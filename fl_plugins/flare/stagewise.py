@@ -75,7 +75,7 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fl_plugins.flare.controllers import SiteLiveness, UpdateValidation, plain_metrics
+from fl_plugins.flare.controllers import DEFAULT_ROUND_TIMEOUT, SiteLiveness, UpdateValidation, plain_metrics
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.flare.stage_aggregator import WEIGHTINGS, StageAggregator, check_damping
 from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, Rejection, check_norm_bound, site_of
@@ -177,7 +177,9 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         damping: ``eta`` in (0, 1].
         norm_bound: update-norm bound (> 1) relative to the median of the other accepted results'; None = off.
         validate_every_stage: validate every new base on every reporting site (else only the last one).
-        stage_timeout / report_timeout / validation_timeout: seconds a site's task may take (0 = no limit).
+        stage_timeout / report_timeout / validation_timeout: seconds a site's task may take (0 = ``round_timeout``).
+        round_timeout: the default for every task without its own timeout; a site that misses it is skipped until it
+            reconnects or sends a late result (:class:`~fl_plugins.flare.controllers.SiteLiveness`; 0 = no limit).
         key_metric: the metric of the log table.
         persistor_id / task_check_period: ``ModelController``'s.
 
@@ -206,6 +208,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         key_metric: str = "val_accuracy",
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
+        round_timeout: int = DEFAULT_ROUND_TIMEOUT,
     ) -> None:
         _int_at_least("num_clients", num_clients, 1)
         _int_at_least("num_stages", num_stages, 1)
@@ -234,7 +237,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         self.validation_timeout = validation_timeout
         self.key_metric = key_metric
         self.stage_aggregator = StageAggregator(weighting=weighting, damping=self.damping, norm_bound=self.norm_bound)
-        self.init_site_liveness()
+        self.init_site_liveness(round_timeout=round_timeout)
         self.current_round: int | None = None
         self.tasks: dict[str, dict[str, Any]] = {}  # site -> its reported task
         self.embed_dim: int | None = None
