@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fl_plugins.flare.handler import SiteContext
+from fl_plugins.flare.handler import SITE_STATE_DIR, SiteContext
 
 __all__ = ["serve", "find_site_config_dir", "CONFIG_FILE"]
 
@@ -53,13 +53,15 @@ def serve(flare: Any, config: dict[str, Any]) -> int:
     writer = _summary_writer()
     out_dir = Path(os.getcwd()) / "fl_plugins"
     out_dir.mkdir(parents=True, exist_ok=True)
+    config_dir = find_site_config_dir(Path(os.getcwd()))
     ctx = SiteContext(
         site_name=site,
-        datalist_path=str(resolve_datalist(site, find_site_config_dir(Path(os.getcwd())))),
+        datalist_path=str(resolve_datalist(site, config_dir)),
         workspace_dir=str(out_dir),
         log_scalar=(lambda tag, value, step: writer.add_scalar(tag, value, step)) if writer else
         (lambda tag, value, step: None),
         log_image=_image_logger(writer),
+        state_dir=str(Path(config_dir).parent / SITE_STATE_DIR) if config_dir is not None else None,
     )
     import_plugins(config.get("imports") or [])
     handler = handler_class(config["handler"])(ctx, **(config.get("handler_args") or {}))

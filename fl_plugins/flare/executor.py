@@ -22,7 +22,8 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from fl_plugins.flare.handler import SiteContext, TaskHandler
+from fl_plugins.flare.handler import SITE_STATE_DIR, SiteContext, TaskHandler
+from fl_plugins.wire import TASK_STAGE_FINETUNE, TASK_TRAIN
 
 __all__ = ["HandlerExecutor"]
 
@@ -40,9 +41,18 @@ class HandlerExecutor(Executor):
     """
 
     def __init__(
-        self, handler: str, handler_args: dict[str, Any] | None = None, imports: list[str] | None = None
+        self, handler: str, handler_args: dict[str, Any] | None = None, imports: list[str] | None = None,
+        memory_gc_rounds: int = 1, cuda_empty_cache: bool = False,
     ) -> None:
+        """``memory_gc_rounds``: nvflare's memory clean-up (``gc.collect`` + ``malloc_trim``; with
+        ``cuda_empty_cache`` also ``torch.cuda.empty_cache``) after every N-th training task (0 = off; the job
+        setting ``fl.client_memory_gc_rounds``)."""
         super().__init__()
+        if isinstance(memory_gc_rounds, bool) or not isinstance(memory_gc_rounds, int) or memory_gc_rounds < 0:
+            raise ValueError(f"memory_gc_rounds must be an int >= 0, got {memory_gc_rounds!r}")
+        self.memory_gc_rounds = memory_gc_rounds
+        self.cuda_empty_cache = bool(cuda_empty_cache)
+        self._trained = 0
         self.handler = handler
         self.handler_args = dict(handler_args or {})
         self.imports = list(imports or [])
@@ -88,6 +98,7 @@ class HandlerExecutor(Executor):
             workspace_dir=out_dir,
             log_scalar=self._log_scalar,
             log_image=self._log_image,
+            state_dir=os.path.join(workspace.get_root_dir(), SITE_STATE_DIR),
         )
         t0 = time.perf_counter()
         self._handler = self.build_handler(self._site_ctx)
@@ -123,6 +134,15 @@ class HandlerExecutor(Executor):
         with self._engine.new_context() as fl_ctx:
             send_analytic_dxo(self, dxo=dxo, fl_ctx=fl_ctx)
 
+    def _after_training_task(self) -> None:
+        """Every ``memory_gc_rounds``-th training task: nvflare's allocator-aware clean-up (what its Client API
+        executors do with ``memory_gc_rounds``)."""
+        self._trained += 1
+        if self.memory_gc_rounds and self._trained % self.memory_gc_rounds == 0:
+            from nvflare.fuel.utils.memory_utils import cleanup_memory
+
+            cleanup_memory(cuda_empty_cache=self.cuda_empty_cache)
+
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._handler is None:
             self.log_error(fl_ctx, f"refusing task {task_name!r}: {self._setup_error or 'the site failed to start'}")
@@ -138,6 +158,8 @@ class HandlerExecutor(Executor):
             if model_out.current_round is None:  # the round it answers: the server rejects another round's result
                 model_out.current_round = model_in.current_round
             self.log_info(fl_ctx, f"task {task_name!r} done in {time.perf_counter() - t0:.2f}s")
+            if task_name in (TASK_TRAIN, TASK_STAGE_FINETUNE):
+                self._after_training_task()
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
             return FLModelUtils.to_shareable(model_out)

@@ -84,6 +84,7 @@ class FinetuneHandler(MethodHandler):
         self.num_train_items = len(train_ds)
         self.trainer = FinetuneTrainer(self.config, train_ds, val_ds)
         self.method = self.trainer.method
+        self.optimizer = self.trainer.optimizer  # site-persistent (MethodHandler.site_state)
         self.steps_per_round = int(self.config.steps_per_round)
         self.metric_prefix = "val_"
         logger.info(

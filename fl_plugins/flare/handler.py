@@ -12,6 +12,8 @@ pipeline ``datalist -> dataset -> views -> method -> optimiser -> monitors`` and
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +23,14 @@ import numpy as np
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fl_plugins.wire import META_NUM_STEPS, TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
+from fl_plugins.wire import META_NUM_STEPS, META_RUN_ID, TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 
-__all__ = ["TaskHandler", "SiteContext", "MethodHandler", "to_numpy", "to_torch"]
+log = logging.getLogger(__name__)
+
+#: the folder under a site's workspace root where sites keep their per-run state (``SiteContext.state_dir``)
+SITE_STATE_DIR = "fl_plugins_state"
+
+__all__ = ["SITE_STATE_DIR", "TaskHandler", "SiteContext", "MethodHandler", "to_numpy", "to_torch"]
 
 
 @dataclass
@@ -37,6 +44,9 @@ class SiteContext:
     #: ``(tag, image, step)``: one image ``[C, H, W]`` (C = 1 or 3) float32 in [0, 1] for TensorBoard (the
     #: executor and the Client API script stream it to the server's ``tb_events/<site>/``, as the scalars)
     log_image: Callable[[str, np.ndarray, int], None] = field(default=lambda tag, image, step: None)
+    #: a folder that outlives the job (the site's workspace root ``/fl_plugins_state``): what the site keeps between
+    #: rounds is saved there per run (``<state_dir>/<run id>/<site>.pt``) so a resumed job continues it; None = off
+    state_dir: str | None = None
 
 
 class TaskHandler(Protocol):
@@ -106,13 +116,67 @@ class MethodHandler:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.site.log_scalar(prefix + k, float(v), rnd)
 
+    # -- what the site keeps between rounds, across a resumed job ---------------------------------------------------
+    def site_state(self) -> dict[str, Any]:
+        """What this site keeps between rounds besides the global model: the optimiser (AdamW moments) and the
+        method's site-persistent tensors (its state taxonomy's ``site`` part). Handlers with more override it."""
+        opt = getattr(self, "optimizer", None)
+        return {"optimizer": opt.state_dict() if opt is not None else None,
+                "method_site": self.method.site_state_dict()}
+
+    def load_site_state(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`site_state` returned (strict: a state of another set-up raises)."""
+        opt = getattr(self, "optimizer", None)
+        if opt is not None and state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+        self.method.load_site_state_dict(state.get("method_site") or {})
+
+    def _site_state_path(self, run_id: Any) -> str | None:
+        if not self.site.state_dir or not run_id:
+            return None
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
+        return os.path.join(self.site.state_dir, safe, f"{self.site.site_name}.pt")
+
+    def restore_site_state(self, run_id: Any, rnd: int) -> bool:
+        """In a fresh process (the first round it sees is not round 0: a resumed job), load the state this site saved
+        after round ``rnd - 1`` of the same run, if there is one; returns whether it did (logged either way)."""
+        path = self._site_state_path(run_id)
+        if path is None or not os.path.isfile(path):
+            if rnd > 0:
+                log.warning("site %s: round %d is its first in this process and no saved site state of run %s was "
+                            "found%s: optimiser state starts fresh", self.site.site_name, rnd, run_id,
+                            f" at {path}" if path else "")
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if int(saved.get("round", -1)) != rnd - 1:
+            log.warning("site %s: the saved site state %s is of round %s, not %d: not loaded, optimiser state starts "
+                        "fresh", self.site.site_name, path, saved.get("round"), rnd - 1)
+            return False
+        self.load_site_state(saved["state"])
+        log.info("site %s: continued run %s at round %d with its saved site state %s", self.site.site_name, run_id,
+                 rnd, path)
+        return True
+
+    def save_site_state(self, run_id: Any, rnd: int) -> None:
+        """After round ``rnd``: the site's state, atomically (a crash mid-write keeps the previous round's)."""
+        path = self._site_state_path(run_id)
+        if path is not None:
+            from fl_plugins.engine.checkpoint import atomic_torch_save
+
+            atomic_torch_save({"round": int(rnd), "run_id": str(run_id), "state": self.site_state()}, path)
+
     def train(self, model: FLModel) -> FLModel:
         rnd = int(model.current_round or 0)
+        run_id = (model.meta or {}).get(META_RUN_ID)
         t0 = time.perf_counter()
         self.load_global(model)
+        if not getattr(self, "_trained_rounds", 0) and rnd > 0:
+            self.restore_site_state(run_id, rnd)
         metrics = self.monitor(rnd) if self.monitor_due(rnd) else {}
         self.log_stats(metrics, rnd)
         stats = self.local_train(rnd * self.steps_per_round)
+        self._trained_rounds = getattr(self, "_trained_rounds", 0) + 1
+        self.save_site_state(run_id, rnd)
         self.log_round(stats, rnd)
         self.site.log_scalar("round_seconds", time.perf_counter() - t0, rnd)
         return FLModel(

@@ -172,3 +172,41 @@ def test_classification_handler(synth_cls_data, tmp_path):
     out = h.train(_global(cfg))
     assert set(out.metrics) == {"val_accuracy", "val_balanced_accuracy", "val_auc"}
     assert set(out.params) == set(_global(cfg).params)
+
+
+def _chain(h: FinetuneHandler, start: FLModel, rounds: range, run_id: str = "job-a") -> FLModel:
+    """One site as its own server: each round's result is the next round's global model."""
+    g = start
+    for r in rounds:
+        out = h.train(FLModel(params=g.params, params_type=ParamsType.FULL, current_round=r, meta={"run_id": run_id}))
+        g = FLModel(params=out.params, params_type=ParamsType.FULL)
+    return g
+
+
+def test_a_resumed_run_continues_the_sites_optimiser_state_bit_for_bit(synth_seg_data, tmp_path, caplog):
+    """Rounds 0-3 in one process == rounds 0-1, then a new handler (a resumed job: another process, another job
+    folder) for rounds 2-3 that finds the site's state of round 1 under ``state_dir/<run id>/``."""
+    dl = synth_seg_data / "site-1" / "datalist.json"
+    trainer = {**TRAINER, "steps_per_round": 2}
+
+    def handler(state_dir: Path | None) -> FinetuneHandler:
+        site = SiteContext("site-1", str(dl), str(tmp_path / "job"), state_dir=str(state_dir) if state_dir else None)
+        return FinetuneHandler(site, UNET, trainer, image_size=32, total_rounds=4)
+
+    g0 = _global(UNET)
+    full = _chain(handler(tmp_path / "state_full"), g0, range(4))
+    first = _chain(handler(tmp_path / "state"), g0, range(2))
+    saved = torch.load(tmp_path / "state" / "job-a" / "site-1.pt", weights_only=True)
+    assert saved["round"] == 1 and saved["run_id"] == "job-a" and saved["state"]["optimizer"]["state"]
+    with caplog.at_level("INFO"):
+        resumed = _chain(handler(tmp_path / "state"), first, range(2, 4))
+    assert "continued run job-a at round 2 with its saved site state" in caplog.text
+    for k in full.params:
+        np.testing.assert_array_equal(resumed.params[k], full.params[k], err_msg=k)
+
+    # without the saved state (another run id): it warns and the optimiser starts fresh -> a different model
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fresh = _chain(handler(tmp_path / "state"), first, range(2, 4), run_id="job-b")
+    assert "no saved site state of run job-b was found" in caplog.text
+    assert any(not np.array_equal(fresh.params[k], full.params[k]) for k in full.params)
