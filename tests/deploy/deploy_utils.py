@@ -188,11 +188,13 @@ def np_fedavg_job(
     min_clients: int = 2,
     dead_client_grace_period: float | None = None,
     name: str = "np_fedavg",
+    round_timeout: int | None = None,
 ) -> Path:
     """The numpy job (NPTrainer/NPValidator, NPModelPersistor: no torch, quick to start) run by fl_plugins'
     ``FedAvgWithFinalValidation`` (every connected site per round, lost sites dropped, final ``validate`` phase).
 
-    ``dead_client_grace_period`` (seconds) goes into the server app config, where FLARE's workflow communicator
+    ``round_timeout`` (seconds) is the workflow's (default: the controller's). ``dead_client_grace_period`` (seconds)
+    goes into the server app config, where FLARE's workflow communicator
     reads it (``ConfigService``, application config; what ``FedJob(fail_fast=True)`` sets to 0).
     """
     shutil.copytree(NP_JOB, dst)
@@ -205,7 +207,7 @@ def np_fedavg_job(
         "id": "controller",
         "path": "fl_plugins.flare.controllers.FedAvgWithFinalValidation",
         "args": {"num_clients": min_clients, "num_rounds": rounds, "persistor_id": "persistor",
-                 "task_check_period": 0.1},
+                 "task_check_period": 0.1, **({"round_timeout": round_timeout} if round_timeout is not None else {})},
     }]
     srv["components"] = [c for c in srv["components"] if c["id"] == "persistor"]
     if dead_client_grace_period is not None:

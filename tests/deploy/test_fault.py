@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 
@@ -65,20 +64,32 @@ def test_site_job_process_killed_mid_round(poc, tmp_path):
     assert {c["client_name"] for c in status["clients"]} == set(poc.sites)
 
 
-def test_site_client_killed_and_restarted_mid_round(poc, tmp_path):
+#: the round timeout of the restarted-client test (the jobs' default is 3600 s)
+RESTART_ROUND_TIMEOUT = 20
+
+
+def test_site_client_killed_and_restarted_mid_round_job_completes_after_the_round_timeout(poc, tmp_path):
     """The site's FLARE client process (``pid.fl``) is killed mid-round; its supervising loop (``daemon_pid.fl``,
-    startup/sub_start.sh) restarts it within seconds and it logs in again. nvflare 2.9.0 does not notice that the
-    re-registered site lost its part of the job: the round never completes and the job stays RUNNING until an admin
-    aborts it (then FINISHED:ABORTED). Checked here for 30 s; by hand it stayed RUNNING for 9 minutes.
+    startup/sub_start.sh) restarts it within seconds and it logs in again. nvflare 2.9.0 does not give the
+    re-registered site its part of the job back, and FLARE does not deem it disconnected (it is connected). The
+    workflow's round timeout ends the round with site-1's result, skips site-2 in the next round and the final
+    validation (``min_clients`` 1 of 2), and the job ends FINISHED:COMPLETED; before the timeout it hung until an admin
+    aborted it.
     """
-    job = long_np_job(tmp_path / "np_fault2")
+    job = np_fedavg_job(tmp_path / "np_restart", rounds=3, sleep_time=3, min_clients=1,
+                        round_timeout=RESTART_ROUND_TIMEOUT, name="np_restart")
     job_id = poc.submit(job)
     server_job_log = poc.site_dir(poc.server_name) / job_id / "log.txt"
 
-    def in_round_1():
-        return server_job_log.is_file() and "Round 1 started" in server_job_log.read_text(errors="replace")
+    def log_text() -> str:
+        return server_job_log.read_text(errors="replace") if server_job_log.is_file() else ""
 
-    wait_for(in_round_1, timeout=300, what="round 1 to start")
+    def site2_training_round_1() -> bool:
+        text = log_text()
+        i = text.find("Round 1 started")
+        return i >= 0 and "assigned task to client site-2: name=train" in text[i:]
+
+    wait_for(site2_training_round_1, timeout=300, what="site-2 to get its round-1 task")
     site2 = poc.site_dir("site-2")
     daemon = int((site2 / "daemon_pid.fl").read_text())
     old_cp = int((site2 / "pid.fl").read_text())
@@ -86,6 +97,7 @@ def test_site_client_killed_and_restarted_mid_round(poc, tmp_path):
     assert len(orphans) == 1 and any(pid == old_cp for pid, _ in poc.processes()), (orphans, old_cp)
     poc_driver._signal(old_cp, signal.SIGKILL)
     t_kill = time.monotonic()
+    assert "Round 1 finished" not in log_text(), "killed too late: round 1 was already over"
 
     def restarted():
         try:
@@ -96,23 +108,19 @@ def test_site_client_killed_and_restarted_mid_round(poc, tmp_path):
 
     wait_for(restarted, timeout=60, what="the supervising loop to restart site-2's client")
     assert any(p == daemon for p, _ in poc.processes()), "the supervising loop itself must survive"
-    poc.wait_ready(timeout=90)
-    record_timing("fault: site-2 client killed -> restarted and reconnected", time.monotonic() - t_kill)
 
-    rounds_at_kill = len(re.findall(r"Round \d+ finished", server_job_log.read_text(errors="replace")))
-    time.sleep(max(0.0, 30 - (time.monotonic() - t_kill)))
-    meta = poc.nvflare("job", "meta", job_id, kit=True)["data"]
-    assert meta["status"] == "RUNNING", meta
-    rounds_now = len(re.findall(r"Round \d+ finished", server_job_log.read_text(errors="replace")))
-    assert rounds_now <= rounds_at_kill + 1, f"rounds went on: {rounds_at_kill} -> {rounds_now}"
-    clients = {c["client_name"]: c for c in poc.status()["client_status"]}
-    assert clients["site-2"]["status"] == "no_jobs" and clients["site-1"].get("job_id") == job_id, clients
-
-    t0 = time.monotonic()
-    poc.nvflare("job", "abort", job_id, "--force", kit=True)
-    result = poc.wait(job_id, timeout=120)
-    assert result["status"] == "FINISHED:ABORTED", result
-    record_timing("fault: admin abort of the hung job", time.monotonic() - t0)
+    result = poc.wait(job_id, timeout=RESTART_ROUND_TIMEOUT + 120)
+    took = time.monotonic() - t_kill
+    record_timing("fault: site-2 client killed and restarted -> job completed", took)
+    assert result["status"] == "FINISHED:COMPLETED", result
+    assert took < RESTART_ROUND_TIMEOUT + 60, f"the job took {took:.0f}s after the kill"
+    text = log_text()
+    assert (f"round 1: task 'train' timed out after round_timeout={RESTART_ROUND_TIMEOUT}s without a result from "
+            "['site-2']: the round goes on with the results it has; 1 site(s) remain: ['site-1']") in text
+    assert f"round 2: skipping site-2: it did not answer round 1 (task 'train') within round_timeout=" \
+           f"{RESTART_ROUND_TIMEOUT}s" in text
+    assert "final validation: skipping disconnected site(s) ['site-2']" in text
+    assert "round 2: sending to 1 site(s): ['site-1']" in text
 
     # the killed client's job process was orphaned; it is ours, so it must not outlive the test
     try:
@@ -122,8 +130,7 @@ def test_site_client_killed_and_restarted_mid_round(poc, tmp_path):
         for pid, _ in _job_processes(poc, job_id, "site-2"):
             poc_driver._signal(pid, signal.SIGKILL)
         record_timing("fault: orphaned site-2 job process still alive (killed) after", time.monotonic() - t_kill)
-    wait_for(lambda: not _job_processes(poc, job_id, "site-1"), timeout=60, what="site-1's job process to end")
-    poc.wait_ready(timeout=60)
+    poc.wait_ready(timeout=90)
 
 
 # ------------------------------------------------------------------------------------------------ a site lost for good

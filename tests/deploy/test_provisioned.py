@@ -13,11 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,7 +32,7 @@ from .deploy_utils import (
     REPO,
     check_job_result,
     listening_addresses,
-    long_np_job,
+    np_fedavg_job,
     poc_driver,
     wait_for,
 )
@@ -155,16 +157,20 @@ def test_job_through_admin_api(prov, tmp_path):
     check_job_result(NP_JOB, {"status": meta["status"]}, path / "workspace", SITES)
 
 
-def test_server_crash_during_job(prov, tmp_path):
-    """Server (parent + job process) killed mid-job; its supervising loop restarts it and the sites reconnect.
+def test_server_crash_during_job_then_resume_finishes_the_last_rounds(prov, tmp_path):
+    """Server (parent + job process) killed in round 2 of a 4-round job; its supervising loop restarts it and the
+    sites reconnect.
 
-    nvflare 2.9.0 has no snapshot resume: the job record stays RUNNING with nothing running ("zombie"); abort
-    is refused ("not running") but clone_job resubmits it and the clone runs from round 0. The global model
-    of the last completed round is still in the server's job folder.
+    nvflare 2.9.0 has no snapshot resume: the job record stays RUNNING with nothing running ("zombie"); abort is
+    refused ("not running"). The workflow (``FedAvgWithFinalValidation``) wrote ``round_checkpoint.pt`` after round
+    1; ``flssl resume`` turns it and the job folder into a new job that runs rounds 2 and 3 only (0-based) and ends
+    with the model an uninterrupted run gives: NPTrainer adds 1 to every weight each round, so after 4 rounds the
+    global model is the initial one + 4, exactly (float32 means of equal integers).
     """
-    job = long_np_job(tmp_path / "np_crash", rounds=5, sleep_time=1, name="np_crash")
+    job = np_fedavg_job(tmp_path / "np_crash", rounds=4, sleep_time=2, min_clients=2, name="np_crash")
     job_id = prov.session.submit_job(str(job))
-    server_job_log = prov.prod / "localhost" / job_id / "log.txt"
+    server_job_dir = prov.prod / "localhost" / job_id
+    server_job_log = server_job_dir / "log.txt"
     wait_for(lambda: server_job_log.is_file() and "Round 2 started" in server_job_log.read_text(errors="replace"),
              timeout=300, what="round 2 to start")
     old_pid = prov.server_pid()
@@ -176,6 +182,7 @@ def test_server_crash_during_job(prov, tmp_path):
     t_kill = time.monotonic()
     prov.session.close()
     prov.session = None
+    assert "Round 3 started" not in server_job_log.read_text(errors="replace"), "killed too late"
 
     def restarted():
         try:
@@ -188,7 +195,6 @@ def test_server_crash_during_job(prov, tmp_path):
     prov.connect(timeout=120)
     prov.wait_sites()
     record_timing("prov: server killed -> restarted, sites reconnected", time.monotonic() - t_kill)
-    assert (prov.prod / "localhost" / job_id / "models" / "server.npy").is_file()
 
     # the sites' job processes notice the server job is gone and exit; the job record does not change
     wait_for(lambda: not [c for _, c in poc_driver.find_processes(prov.marker) if job_id in c], timeout=120,
@@ -198,14 +204,25 @@ def test_server_crash_during_job(prov, tmp_path):
     with pytest.raises(Exception, match="not running"):
         prov.session.abort_job(job_id)
 
+    checkpoint = server_job_dir / "app_server" / "round_checkpoint.pt"
+    resumed = tmp_path / "np_crash_resume"
+    out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "resume", "--checkpoint", str(checkpoint),
+                          "--job", str(job), "--out", str(resumed)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"resumes run {job_id} of job {job_id} after its round 1, runs rounds 2..3" in out.stdout
+
     t0 = time.monotonic()
-    clone_id = prov.session.clone_job(job_id)
-    meta = prov.session.wait_for_job(clone_id, timeout=JOB_TIMEOUT, poll_interval=1)
+    resumed_id = prov.session.submit_job(str(resumed))
+    meta = prov.session.wait_for_job(resumed_id, timeout=JOB_TIMEOUT, poll_interval=1)
     assert meta["status"] == "FINISHED:COMPLETED", meta
-    path = Path(prov.session.download_job_result(clone_id, str(tmp_path / "results")))
-    rounds = re.findall(r"Round (\d+) started", (path / "workspace" / "log.txt").read_text(errors="replace"))
-    assert rounds[0] == "0" and rounds[-1] == "4", rounds  # from scratch, all 5 rounds
-    record_timing("prov: clone of the crashed job, run to completion", time.monotonic() - t0)
+    record_timing("prov: resumed job (rounds 2-3 of 4) to completion", time.monotonic() - t0)
+    path = Path(prov.session.download_job_result(resumed_id, str(tmp_path / "results")))
+    log = (path / "workspace" / "log.txt").read_text(errors="replace")
+    assert re.findall(r"Round (\d+) started", log) == ["2", "3"], "only the rounds the crash left undone"
+    assert f"resuming job {job_id} from" in log and "this job runs rounds 2..3" in log
+    final = np.load(path / "workspace" / "models" / "server.npy")
+    expected = np.arange(1, 10, dtype=np.float32).reshape(3, 3) + 4  # NPModelPersistor's initial model + 4 rounds
+    np.testing.assert_array_equal(final, expected)
     assert prov.session.get_job_meta(job_id)["status"] == "RUNNING"  # the zombie record stays
 
 
