@@ -649,9 +649,6 @@ def _stagewise_builder(name: str, s: dict[str, Any]) -> FedJob:
                          f"fl.num_rounds (--rounds)")
     if fl.update_norm_bound not in (DEFAULT_NORM_BOUND, sw["norm_bound"]):
         raise ValueError(f"job {name!r}: set stagewise.norm_bound instead of fl.update_norm_bound")
-    if fl.resume_from:
-        raise ValueError(f"job {name!r}: fl.resume_from={fl.resume_from!r}: the stage-wise workflow cannot resume "
-                         "from a checkpoint yet (its per-stage bases are kept: stage_<s>_base.pt)")
     # fl.controller / fl.aggregator: this job has its own workflow and aggregate (StagewiseController,
     # StageAggregator); "fedavg" / "weighted_average" are the only values FLSettings accepts and are not used here
     model_cfg = dict(s["model"])
@@ -667,7 +664,7 @@ def _stagewise_builder(name: str, s: dict[str, Any]) -> FedJob:
         schedule=sw["schedule"], weighting=sw["weighting"], damping=sw["damping"], norm_bound=sw["norm_bound"],
         validate_every_stage=sw["validate_every_stage"], stage_timeout=sw["stage_timeout"],
         key_metric=fl.key_metric or "val_accuracy", task_check_period=fl.task_check_period,
-        round_timeout=fl.round_timeout)
+        round_timeout=fl.round_timeout, **({"resume_from": fl.resume_from} if fl.resume_from else {}))
     job.to_server(controller, id="controller")
     job.to_server(StageBasePersistor(model_config=model_cfg, seed=fl.seed), id="persistor")
     job.to_server(TBAnalyticsReceiver(events=["fed.analytix_log_stats"]), id="tb_receiver")

@@ -51,6 +51,7 @@ from fl_plugins.wire import (
     META_N_VAL,
     META_NUM_CLASSES,
     META_NUM_STEPS,
+    META_RUN_ID,
     META_SPATIAL_DIMS,
     META_STAGE,
     META_TASK_NAME,
@@ -162,6 +163,7 @@ class StagewiseHandler(MethodHandler):
         self.embed_dim = int(self.method.model.backbone.embed_dim)
         self.head_path = Path(site.workspace_dir) / HEAD_FILE
         self.head_stage: int | None = None  # the stage the head was last fine-tuned in (None: fresh)
+        self.run_head_path: Path | None = None  # the per-run copy (adopt_run)
         self._restore_head()
         logger.info("site %s: task %r, %d classes, %dD, %d labelled training / %d validation items; head %s",
                     site.site_name, self.task_name, self.num_classes, self.spatial_dims, self.num_train_items,
@@ -169,37 +171,51 @@ class StagewiseHandler(MethodHandler):
 
     # -- the head (site state) -------------------------------------------------------------------------------------
 
-    def _restore_head(self) -> None:
-        if not self.head_path.is_file():
+    def _restore_head(self, path: Path | None = None) -> None:
+        path = path or self.head_path
+        if not path.is_file():
             return
         try:
-            obj = torch.load(self.head_path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"site {self.site.site_name}: cannot read the saved head {str(self.head_path)!r}: {e} "
+            raise ValueError(f"site {self.site.site_name}: cannot read the saved head {str(path)!r}: {e} "
                              "(delete it to start a fresh head)") from e
         if not isinstance(obj, dict) or obj.get("num_classes") != self.num_classes \
                 or obj.get("task_name") != self.task_name:
             got = (obj.get("task_name"), obj.get("num_classes")) if isinstance(obj, dict) else type(obj).__name__
             logger.warning("site %s: the saved head %s is for task/classes %s, not (%r, %d): starting a fresh head",
-                           self.site.site_name, self.head_path, got, self.task_name, self.num_classes)
+                           self.site.site_name, path, got, self.task_name, self.num_classes)
             return
         try:
             self.trainer.load_head_state(obj["head"])
         except (KeyError, ValueError) as e:
-            raise ValueError(f"site {self.site.site_name}: the saved head {str(self.head_path)!r} does not fit: {e} "
+            raise ValueError(f"site {self.site.site_name}: the saved head {str(path)!r} does not fit: {e} "
                              "(delete it to start a fresh head)") from e
         self.head_stage = int(obj.get("stage", -1))
-        logger.info("site %s: restored the head of stage %s from %s", self.site.site_name, self.head_stage,
-                    self.head_path)
+        logger.info("site %s: restored the head of stage %s from %s", self.site.site_name, self.head_stage, path)
 
     def save_head(self, stage: int) -> None:
-        """Write the head atomically to the site workspace."""
+        """Write the head atomically to the site workspace (and, in a run the server names, to the site's per-run
+        state folder, where a resumed job's handler finds it: :meth:`adopt_run`)."""
         from fl_plugins.engine.checkpoint import atomic_torch_save
 
-        atomic_torch_save({"head": self.trainer.head_state(), "num_classes": self.num_classes,
-                           "task_name": self.task_name, "stage": int(stage), "spatial_dims": self.spatial_dims},
-                          self.head_path)
+        obj = {"head": self.trainer.head_state(), "num_classes": self.num_classes, "task_name": self.task_name,
+               "stage": int(stage), "spatial_dims": self.spatial_dims}
+        for path in {self.head_path, self.run_head_path} - {None}:
+            atomic_torch_save(obj, path)
         self.head_stage = int(stage)
+
+    def adopt_run(self, model: FLModel) -> None:
+        """The first task that names the run (``meta["run_id"]``, fl_plugins.flare.resume): the head is kept per run
+        under ``<state_dir>/<run id>/<site>_stagewise_head.pt`` too; a handler without a head of its own (a resumed
+        job) restores it from there."""
+        run_id = (model.meta or {}).get(META_RUN_ID)
+        if self.run_head_path is not None or not run_id or not self.site.state_dir:
+            return
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
+        self.run_head_path = Path(self.site.state_dir) / safe / f"{self.site.site_name}_{HEAD_FILE}"
+        if self.head_stage is None:
+            self._restore_head(self.run_head_path)
 
     # -- tasks --------------------------------------------------------------------------------------------------------
 
@@ -247,6 +263,7 @@ class StagewiseHandler(MethodHandler):
         stage = self._stage_of(model)
         t0 = time.perf_counter()
         self._check_head_shape(model)
+        self.adopt_run(model)
         self.load_global(model)
         metrics: dict[str, float] = {}
         if (model.meta or {}).get(META_EVALUATE, True):
@@ -267,6 +284,7 @@ class StagewiseHandler(MethodHandler):
     def validate(self, model: FLModel) -> FLModel:
         """Metrics of the received base with the site's current head (no params)."""
         stage = self._stage_of(model)
+        self.adopt_run(model)
         self.load_global(model)
         metrics = self.monitor(stage)
         self._log_metrics(metrics, stage)

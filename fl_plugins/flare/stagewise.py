@@ -77,6 +77,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from fl_plugins.flare.controllers import DEFAULT_ROUND_TIMEOUT, SiteLiveness, UpdateValidation, plain_metrics
 from fl_plugins.flare.persistor import ConfigModelPersistor
+from fl_plugins.flare.resume import RoundCheckpoint
 from fl_plugins.flare.stage_aggregator import WEIGHTINGS, StageAggregator, check_damping
 from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, Rejection, check_norm_bound, site_of
 from fl_plugins.wire import (
@@ -86,6 +87,7 @@ from fl_plugins.wire import (
     META_N_VAL,
     META_NUM_CLASSES,
     META_NUM_STAGES,
+    META_RUN_ID,
     META_SPATIAL_DIMS,
     META_STAGE,
     META_TASK_NAME,
@@ -165,7 +167,7 @@ class StageBasePersistor(ConfigModelPersistor):
         return build_base_backbone(self.model_config, self.seed)
 
 
-class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
+class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, ModelController):
     """Stage-wise federated fine-tuning of one base backbone (see the module docstring).
 
     Args:
@@ -180,6 +182,9 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         stage_timeout / report_timeout / validation_timeout: seconds a site's task may take (0 = ``round_timeout``).
         round_timeout: the default for every task without its own timeout; a site that misses it is skipped until it
             reconnects or sends a late result (:class:`~fl_plugins.flare.controllers.SiteLiveness`; 0 = no limit).
+        resume_from: a ``round_checkpoint.pt`` of a crashed run of this job (written after every stage): start with
+            the stage after its last completed one, its base, its tables (:mod:`fl_plugins.flare.resume`); the
+            sites' heads continue from their per-run copies.
         key_metric: the metric of the log table.
         persistor_id / task_check_period: ``ModelController``'s.
 
@@ -209,6 +214,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         persistor_id: str = "persistor",
         task_check_period: float = 0.5,
         round_timeout: int = DEFAULT_ROUND_TIMEOUT,
+        resume_from: str | None = None,
     ) -> None:
         _int_at_least("num_clients", num_clients, 1)
         _int_at_least("num_stages", num_stages, 1)
@@ -238,6 +244,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         self.key_metric = key_metric
         self.stage_aggregator = StageAggregator(weighting=weighting, damping=self.damping, norm_bound=self.norm_bound)
         self.init_site_liveness(round_timeout=round_timeout)
+        self.init_round_checkpoint(resume_from)
         self.current_round: int | None = None
         self.tasks: dict[str, dict[str, Any]] = {}  # site -> its reported task
         self.embed_dim: int | None = None
@@ -279,6 +286,17 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
             self._app_dir = str(self.fl_ctx.get_prop(FLContextKey.APP_ROOT) or ".")
         return self._app_dir
 
+    # -- resume (fl_plugins.flare.resume) -----------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        """The tables so far (bases written, stage records, every site's metrics at every base)."""
+        return {"bases": self._bases, "stages": self._stages,
+                "metrics": {site: {str(b): m for b, m in per.items()} for site, per in self._metrics.items()}}
+
+    def restore_resume_state(self, extra: dict[str, Any]) -> None:
+        self._bases = list(extra.get("bases") or [])
+        self._stages = list(extra.get("stages") or [])
+        self._metrics = {site: {int(b): m for b, m in per.items()} for site, per in (extra.get("metrics") or {}).items()}
+
     def _log_rejection(self, r: Rejection) -> None:
         self.log_warning(self.fl_ctx, f"stage {r.round}: rejected the result of {r.site} ({r.code}): {r.message}; "
                                       "left out of the stage aggregate", fire_event=False)
@@ -298,12 +316,18 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
                        f"{f', e.g. {others[:3]}' if others else ''}")
             return
         self.embed_dim = embed_dim_of(base)
-        self._save_base(0, base, "the initial base")
+        first = 0
+        if self.resume_from:
+            ckpt = self.read_resume_checkpoint(self.num_stages, FLModel(params=base))
+            assert ckpt is not None
+            base, first = {k: np.asarray(v) for k, v in ckpt["params"].items()}, int(ckpt["round"]) + 1
+        else:
+            self._save_base(0, base, "the initial base")
         self.tasks = self.collect_reports()
         if not self.tasks:
             self.panic("no site reported a valid task: nothing to fine-tune (see the sites' logs)")
             return
-        for s in range(self.num_stages):
+        for s in range(first, self.num_stages):
             if self.abort_signal.triggered:
                 return
             agg = self.run_stage(s, base)
@@ -315,6 +339,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
             if self.validate_every_stage or s == self.num_stages - 1:
                 self.validate_base(s + 1, base)
             self._write_tables()
+            self.write_round_checkpoint(FLModel(params=base, params_type=ParamsType.FULL), s, self.num_stages)
         self._phase = "the end"
         self.info("stage-wise fine-tuning finished:\n" + self.metrics_table_text())
 
@@ -369,7 +394,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
 
     def _ask(self, site: str, s: int, base: dict[str, np.ndarray]) -> None:
         meta: dict[str, Any] = {META_STAGE: s, META_NUM_STAGES: self.num_stages,
-                                META_EVALUATE: not (self.validate_every_stage and s > 0)}
+                                META_EVALUATE: not (self.validate_every_stage and s > 0), META_RUN_ID: self.run_id}
         if self.embed_dim is not None:
             meta[META_HEAD_SHAPE] = [int(self.tasks[site][META_NUM_CLASSES]), int(self.embed_dim)]
         data = FLModel(params=base, params_type=ParamsType.FULL, current_round=s, total_rounds=self.num_stages,
@@ -505,7 +530,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, ModelController):
         if not targets:
             return
         data = FLModel(params=base, params_type=ParamsType.FULL, current_round=b, total_rounds=self.num_stages,
-                       meta={META_STAGE: b})
+                       meta={META_STAGE: b, META_RUN_ID: self.run_id})
         results = self.send_model_and_wait(task_name=TASK_VALIDATE, data=data, targets=targets,
                                            timeout=self.validation_timeout)
         for r in results:

@@ -154,3 +154,29 @@ def test_bad_class_count_is_a_clear_error_naming_the_datalist(classes, changes, 
     with pytest.raises(ValueError, match=message) as err:
         _handler(dl, tmp_path / "ws", site="site-9")
     assert str(dl) in str(err.value) and "site-9" in str(err.value)
+
+
+def test_a_resumed_job_finds_the_head_of_its_run(multitask, base, tmp_path):
+    """A resumed job runs in another job folder; its first stage task names the run, and the head saved under the
+    site's per-run state folder continues."""
+    state = tmp_path / "fl_plugins_state"
+
+    def handler(ws: Path) -> StagewiseHandler:
+        ws.mkdir(parents=True, exist_ok=True)
+        return StagewiseHandler(SiteContext("site-1", str(multitask[3]), str(ws), state_dir=str(state)), MODEL,
+                                TRAINER, image_size=16, num_slices=4)
+
+    first = handler(tmp_path / "job-a")
+    first.stage_finetune(_task(base, 0, run_id="job-a"))
+    head = {k: v.clone() for k, v in first.trainer.head_state().items()}
+    assert (state / "job-a" / f"site-1_{HEAD_FILE}").is_file()
+
+    resumed = handler(tmp_path / "job-b")  # the resumed job: a new job folder, the same run
+    assert resumed.head_stage is None
+    resumed.validate(_task(base, 1, run_id="job-a"))
+    assert resumed.head_stage == 0
+    for k, v in resumed.trainer.head_state().items():
+        assert torch.equal(v, head[k]), k
+    other = handler(tmp_path / "job-c")
+    other.validate(_task(base, 1, run_id="job-c"))  # another run: a fresh head
+    assert other.head_stage is None

@@ -321,3 +321,36 @@ def test_a_lost_site_no_longer_holds_the_stage(when, tmp_path):
     assert stage["close_reason"] == "no_more_results" and sorted(stage["contributors"]) == ["site-1", "site-2"]
     assert stage["lost"] == ["site-3"]
     assert ("site-3", TASK_VALIDATE) not in {(s, name) for s, name, _ in run.received}
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_a_crashed_stagewise_run_resumes_with_the_next_stage_and_ends_where_an_uninterrupted_one_ends(tmp_path):
+    sites = ["site-1", "site-2", "site-3"]
+    delta = {"site-1": 1.0, "site-2": 2.0, "site-3": 3.0}
+    full = Run(tmp_path / "full", sites, num_stages=3, k_per_stage=3)
+    full.go(honest(delta))
+
+    crashed = Run(tmp_path / "crashed", sites, num_stages=3, k_per_stage=3)
+    inner = honest(delta)
+
+    def crash_in_stage_1(site: str, task: str, m: FLModel) -> Any:
+        if task == TASK_STAGE_FINETUNE and m.current_round == 1:
+            crashed.ctrl.abort_signal.trigger(True)
+            return None
+        return inner(site, task, m)
+
+    crashed.go(crash_in_stage_1)
+    ckpt = tmp_path / "crashed" / "round_checkpoint.pt"
+    resumed = Run(tmp_path / "resumed", sites, num_stages=3, k_per_stage=3, resume_from=str(ckpt))
+    resumed.go(honest(delta))
+    assert sorted({int(m.current_round) for _, m in _sent(resumed, TASK_STAGE_FINETUNE)}) == [1, 2]
+    assert all(m.meta["run_id"] == "job" for _, m in _sent(resumed, TASK_STAGE_FINETUNE))
+    for k in BASE:  # the same base as the uninterrupted run, bit for bit
+        np.testing.assert_array_equal(resumed.saved[-1].params[k], full.saved[-1].params[k])
+    # the tables continue: base 0's scores came from the crashed job, bases 1-3 from the resumed one
+    want = json.loads((tmp_path / "full" / "stage_metrics.json").read_text())["table"]
+    assert json.loads((tmp_path / "resumed" / "stage_metrics.json").read_text())["table"] == want
+    assert [b["base"] for b in resumed.table()["bases"]] == [0, 1, 2, 3]
+    assert resumed.ctrl.resumed_from["round"] == 0
