@@ -45,7 +45,8 @@ poc_driver = _load_poc_driver()
 #: jobs/ exercises, e.g. the quantization filters, which need their classes on the sites' allow list):
 #: name -> (registered job, ``build_job`` overrides). Listed by :func:`generated_jobs` as ``GENERATED / name``.
 GENERATED_JOBS: dict[str, tuple[str, dict[str, Any]]] = {
-    "finetune_seg_unet_fp16": ("finetune_seg_unet", {"fl": {"num_rounds": 2, "quantization": "float16"}}),
+    # the ViT segmentation job, float16 on the wire: both the vit_seg model and the quantization filters on POC
+    "finetune_seg_vit_fp16": ("finetune_seg_vit", {"fl": {"num_rounds": 2, "quantization": "float16"}}),
 }
 #: placeholder parent of the generated jobs' paths (no such folder: :func:`export_generated_job` makes the job)
 GENERATED = Path("<generated>")

@@ -4,10 +4,11 @@ Per job: ``nvflare --format json job submit -j <job> --startup-kit <admin kit>``
 then FINISHED:COMPLETED, the persistor's global model file(s) and, for jobs that stream metrics to the server, one
 TensorBoard event file with at least one scalar tag per site. Every ``jobs/<name>/`` folder with a ``meta.json`` is
 run on synthetic site data (wired into each site's ``local/fl_plugins_site.json``), with every client-side
-``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified); while ``jobs/`` has
+``steps_per_round`` lowered to 2 (``FL_PLUGINS_DEPLOY_FULL_JOBS=1`` runs the folders unmodified; a few folders run only
+when named, see ``_NAMED_ONLY``); while ``jobs/`` has
 none, the harness runs its own allow-listed numpy job (tests/deploy/assets/np_job). Job variants that no folder
 exercises are built with the job builder when the test runs (``deploy_utils.GENERATED_JOBS``: a float16-quantized
-``finetune_seg_unet``, whose filter classes must pass the sites' allow list). Jobs that read the same synthetic
+``finetune_seg_vit``, whose filter classes must pass the sites' allow list). Jobs that read the same synthetic
 data are submitted together and run side by side (fixture ``submit_group``). Jobs that the README's deployment
 walkthrough submits are checked there instead (same checks, own POC system).
 """
@@ -45,12 +46,19 @@ pytestmark = pytest.mark.slow
 
 # A job the README walkthrough submits runs there, end to end on its own POC, with the same result checks
 # (tests/deploy/test_readme_walkthrough.py): not run twice per test session.
-# The masked-image-modelling pretraining jobs run on POC only when named (FL_PLUGINS_DEPLOY_JOBS=unet_inpaint_pretrain):
-# their site code is the executor + SSLHandler that dino_pretrain already runs here, and they are run end to end in
-# the simulator (tests/integration/test_simulator_inpaint.py); by default they would add a second wave of jobs to
-# the segmentation data group (the POC server runs 4 jobs at once) and minutes to the suite. mae3d_pretrain also
-# needs 3D volumes, which no JOB_DATA generator of deploy_utils makes yet.
-_NAMED_ONLY = {"unet_inpaint_pretrain", "mae_vit_pretrain", "mae3d_pretrain"}
+# Some job folders run on POC only when named (FL_PLUGINS_DEPLOY_JOBS=<name>,...): the segmentation data group would
+# otherwise be two waves of jobs (the POC server runs 4 at once; about 85 s more on 2 cores). Each of them has a
+# sibling that runs here with the same server and site classes, and runs end to end elsewhere:
+# * dino_pretrain: dinov2_pretrain runs here (same DINO handler and controller); dino_pretrain runs in the simulator
+#   twice (tests/integration/test_simulator_dino.py, test_recipe_simenv.py).
+# * fcl_noexchange_pretrain: fcl_pretrain runs here (the same FCLController, exchange off).
+# * fclopt_pretrain: fclopt_ptnu_dp_pretrain runs here (the same FCLOptController and handler, PTNU + DP on).
+# * finetune_seg_vit: its float16 variant runs here (deploy_utils.GENERATED_JOBS).
+# * the masked-image-modelling pretraining jobs: their site code is the executor + SSLHandler that dinov2_pretrain
+#   runs here; they run end to end in the simulator (tests/integration/test_simulator_inpaint.py). mae3d_pretrain
+#   also needs 3D volumes, which no JOB_DATA generator of deploy_utils makes yet.
+_NAMED_ONLY = {"dino_pretrain", "fcl_noexchange_pretrain", "fclopt_pretrain", "finetune_seg_vit",
+               "unet_inpaint_pretrain", "mae_vit_pretrain", "mae3d_pretrain"}
 _REPO_JOBS = [j for j in repo_jobs() if j.name not in walkthrough_jobs()
               and (j.name not in _NAMED_ONLY or os.environ.get("FL_PLUGINS_DEPLOY_JOBS"))] + generated_jobs()
 
