@@ -56,13 +56,19 @@ from fl_plugins.flare.resume import RoundCheckpoint
 from fl_plugins.flare.update_check import Rejection, site_of
 from fl_plugins.wire import META_CLIENT_NAME, META_RUN_ID, TASK_VALIDATE
 
-__all__ = ["DEFAULT_ROUND_TIMEOUT", "BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness",
+__all__ = ["DEFAULT_MEMORY_GC_ROUNDS", "DEFAULT_ROUND_TIMEOUT", "BestModelSelection", "FedAvgWithFinalValidation", "FinalValidation", "NotEnoughSitesError", "SiteLiveness",
            "UpdateValidation", "plain_metrics"]
 
 #: Seconds a site may take to answer one task (a round's training, a validation, a stage) before the round goes on
 #: without it (job setting ``fl.round_timeout``; 0 = no limit). An hour: far above a round of the ready jobs on a
 #: CPU (minutes), short enough that a hung site costs an hour, not the job.
 DEFAULT_ROUND_TIMEOUT = 3600
+
+#: Rounds between nvflare's memory clean-ups (``gc.collect`` + ``malloc_trim``) on the server and on the sites (job
+#: settings ``fl.server_memory_gc_rounds`` / ``fl.client_memory_gc_rounds``; 0 = off). One clean-up took 0.1-0.25 s
+#: in a process holding torch, MONAI and a U-Net (2 CPU cores): every 10th round keeps it under 0.025 s a round;
+#: benchmarks/memory_soak.py measures the memory it keeps flat.
+DEFAULT_MEMORY_GC_ROUNDS = 10
 
 #: The analytics event the job's server-side ``TBAnalyticsReceiver`` writes (the sites' scalars arrive as it too).
 SERVER_TB_EVENT = "fed.analytix_log_stats"
@@ -452,7 +458,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         resume_from: a ``round_checkpoint.pt`` of a crashed run of this job (absolute, or relative to the server
             app's ``config/`` folder): start after its last completed round (:mod:`fl_plugins.flare.resume`).
         memory_gc_rounds: nvflare's server memory clean-up (``gc.collect`` + ``malloc_trim``) every N rounds
-            (0 = off; default 1, what nvflare's ``ScatterAndGather`` uses).
+            (0 = off; default :data:`DEFAULT_MEMORY_GC_ROUNDS`).
         key_metric: the site metric that picks the best global model (:class:`BestModelSelection`); None = off.
         aggregator: a ``ModelAggregator``; None = :class:`~fl_plugins.flare.aggregators.WeightedAverage` with its
             default update-norm bound (jobs pass one with the job's ``fl.update_norm_bound``).
@@ -471,7 +477,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         key_metric: str | None = None,
         round_timeout: int = DEFAULT_ROUND_TIMEOUT,
         resume_from: str | None = None,
-        memory_gc_rounds: int = 1,
+        memory_gc_rounds: int = DEFAULT_MEMORY_GC_ROUNDS,
         **kwargs: Any,
     ) -> None:
         _check_int("num_clients", num_clients, 1)

@@ -22,6 +22,7 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from fl_plugins.flare.controllers import DEFAULT_MEMORY_GC_ROUNDS
 from fl_plugins.flare.handler import SITE_STATE_DIR, SiteContext, TaskHandler
 from fl_plugins.wire import TASK_STAGE_FINETUNE, TASK_TRAIN
 
@@ -42,11 +43,11 @@ class HandlerExecutor(Executor):
 
     def __init__(
         self, handler: str, handler_args: dict[str, Any] | None = None, imports: list[str] | None = None,
-        memory_gc_rounds: int = 1, cuda_empty_cache: bool = False,
+        memory_gc_rounds: int = DEFAULT_MEMORY_GC_ROUNDS, cuda_empty_cache: bool = False,
     ) -> None:
         """``memory_gc_rounds``: nvflare's memory clean-up (``gc.collect`` + ``malloc_trim``; with
         ``cuda_empty_cache`` also ``torch.cuda.empty_cache``) after every N-th training task (0 = off; the job
-        setting ``fl.client_memory_gc_rounds``)."""
+        setting ``fl.client_memory_gc_rounds``; one clean-up costs 0.1-0.25 s)."""
         super().__init__()
         if isinstance(memory_gc_rounds, bool) or not isinstance(memory_gc_rounds, int) or memory_gc_rounds < 0:
             raise ValueError(f"memory_gc_rounds must be an int >= 0, got {memory_gc_rounds!r}")

@@ -23,7 +23,7 @@ from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 
 from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
-from fl_plugins.flare.controllers import DEFAULT_ROUND_TIMEOUT
+from fl_plugins.flare.controllers import DEFAULT_MEMORY_GC_ROUNDS, DEFAULT_ROUND_TIMEOUT
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, check_norm_bound
 from fl_plugins.methods.dino_config import DINOConfig
@@ -87,9 +87,9 @@ class FLSettings:
     # where `flssl resume` puts it); null = start at round 0 (fl_plugins/flare/resume.py)
     resume_from: str | None = None
     # nvflare's memory clean-up (gc.collect + malloc_trim) every N rounds on the server / N training tasks on a site
-    # (0 = off); 1 = what nvflare's ScatterAndGather does (benchmarks/memory_soak.py measures RSS over 100 rounds)
-    server_memory_gc_rounds: int = 1
-    client_memory_gc_rounds: int = 1
+    # (0 = off; fl_plugins/flare/controllers.py DEFAULT_MEMORY_GC_ROUNDS; benchmarks/memory_soak.py measures RSS)
+    server_memory_gc_rounds: int = DEFAULT_MEMORY_GC_ROUNDS
+    client_memory_gc_rounds: int = DEFAULT_MEMORY_GC_ROUNDS
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_TYPES:
