@@ -158,12 +158,34 @@ class MethodHandler:
         return True
 
     def save_site_state(self, run_id: Any, rnd: int) -> None:
-        """After round ``rnd``: the site's state, atomically (a crash mid-write keeps the previous round's)."""
+        """After round ``rnd``: a copy of the site's state is written atomically (a crash mid-write keeps the previous
+        round's) by a background thread, so the round's answer does not wait for the disk (an fsync-ed U-Net
+        optimiser state took 0.04 s); the next save waits for the previous one (:meth:`wait_site_state`)."""
         path = self._site_state_path(run_id)
-        if path is not None:
-            from fl_plugins.engine.checkpoint import atomic_torch_save
+        if path is None:
+            return
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
 
-            atomic_torch_save({"round": int(rnd), "run_id": str(run_id), "state": self.site_state()}, path)
+        from fl_plugins.engine.checkpoint import atomic_torch_save
+
+        self.wait_site_state()
+        obj = {"round": int(rnd), "run_id": str(run_id), "state": copy.deepcopy(self.site_state())}
+        if getattr(self, "_state_writer", None) is None:
+            self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-state")
+        self._state_write = self._state_writer.submit(atomic_torch_save, obj, path)
+
+    def wait_site_state(self) -> None:
+        """Block until the last :meth:`save_site_state` is on disk; a failed write is logged, not raised (the state
+        only serves a resume)."""
+        pending = getattr(self, "_state_write", None)
+        if pending is None:
+            return
+        self._state_write = None
+        try:
+            pending.result()
+        except Exception as e:  # a full disk must not fail the training
+            log.warning("site %s: could not save its site state for a resume: %s", self.site.site_name, e)
 
     def train(self, model: FLModel) -> FLModel:
         rnd = int(model.current_round or 0)

@@ -180,6 +180,7 @@ def _chain(h: FinetuneHandler, start: FLModel, rounds: range, run_id: str = "job
     for r in rounds:
         out = h.train(FLModel(params=g.params, params_type=ParamsType.FULL, current_round=r, meta={"run_id": run_id}))
         g = FLModel(params=out.params, params_type=ParamsType.FULL)
+    h.wait_site_state()  # the state of the last round is written in the background
     return g
 
 
