@@ -60,6 +60,26 @@ def roles(system: poc_driver.Poc, job_id: str) -> dict[str, int]:
     return out
 
 
+def summarise(samples: list[dict], warmup: int) -> tuple[dict[str, dict], int, int]:
+    """Per process: RSS at the first sampled round >= ``warmup`` and at the last sampled round (the peak of the
+    samples taken while that round ran) and the growth between them; returns (table, first round, last round)."""
+    rounds = sorted({s["round"] for s in samples if s["round"] >= warmup})
+    if not rounds:
+        return {}, warmup, warmup
+    first, last = rounds[0], rounds[-1]
+
+    def at(rnd: int, role: str) -> float | None:
+        vals = [s["rss_mb"][role] for s in samples if s["round"] == rnd and s["rss_mb"].get(role)]
+        return max(vals) if vals else None
+
+    table = {}
+    for role in sorted({r for s in samples for r in s["rss_mb"]}):
+        w, e = at(first, role), at(last, role)
+        table[role] = {"warmup_round": first, "rss_warmup_mb": w, "last_round": last, "rss_last_mb": e,
+                       "growth": (e / w - 1.0) if w and e else None}
+    return table, first, last
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=100)
@@ -122,17 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         system.stop()
 
-    def at(rnd: int, role: str) -> float | None:
-        vals = [s["rss_mb"].get(role) for s in samples if s["round"] == rnd and s["rss_mb"].get(role)]
-        return max(vals) if vals else None  # the peak while that round ran
-
-    last = max((s["round"] for s in samples), default=-1)
-    table = {}
-    for role in sorted({r for s in samples for r in s["rss_mb"]}):
-        w, e = at(a.warmup, role), at(last, role)
-        table[role] = {"warmup_round": a.warmup, "rss_warmup_mb": w, "last_round": last, "rss_last_mb": e,
-                       "growth": (e / w - 1.0) if w and e else None}
-    print(f"\n{'process':<16} {'round ' + str(a.warmup):>10} {'round ' + str(last):>10} {'growth':>8}")
+    table, first, last = summarise(samples, a.warmup)
+    print(f"\n{'process':<16} {'round ' + str(first):>10} {'round ' + str(last):>10} {'growth':>8}")
     for role, r in table.items():
         g = f"{100 * r['growth']:+.1f}%" if r["growth"] is not None else "n/a"
         print(f"{role:<16} {r['rss_warmup_mb'] or 0:>8.0f}MB {r['rss_last_mb'] or 0:>8.0f}MB {g:>8}")
