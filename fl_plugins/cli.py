@@ -514,6 +514,18 @@ def cmd_results(a: argparse.Namespace) -> int:
         ms = "-" if mean is None else f"{mean:.4f}"
         ss = "-" if std is None else f"{std:.4f}"
         print(f"{name:{w}s}  {metric:10s}  {split:5s}  {ms:6s}  {ss:6s}  {n}")
+    means = [r[3] for r in rows if r[3] is not None]
+    if len(means) >= 2:  # one run per seed: the spread over seeds and the interval of their mean
+        from fl_plugins.engine.metrics import mean_interval
+
+        kinds = sorted({(r[1], r[2]) for r in rows})
+        if len(kinds) > 1:
+            print(f"(no summary over runs: the files mix metrics/splits {kinds})")
+        else:
+            s = mean_interval(means)
+            lo, hi = s["ci95"]
+            print(f"over {s['n']} runs: mean {s['mean']:.4f}, sd {s['sd']:.4f}, min {min(means):.4f}, max "
+                  f"{max(means):.4f}, 95 % CI of the mean [{lo:.4f}, {hi:.4f}] (t, {s['n'] - 1} df)")
     return 0
 
 
@@ -634,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job", default=None, help="job folder / workspace holding the model config")
     s.set_defaults(fn=cmd_export_backbone)
 
-    s = sub.add_parser("results", help="print a table from result JSON files written by 'flssl evaluate --out'")
+    s = sub.add_parser("results", help="print a table from result JSON files written by 'flssl evaluate --out'; with "
+                                       "one file per seed, also the mean, sd and 95 %% interval over them")
     s.add_argument("files", nargs="+")
     s.set_defaults(fn=cmd_results)
     return p

@@ -28,7 +28,7 @@ import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
-__all__ = ["dice_per_class", "accuracy", "SegmentationMetric", "ClassificationMetric"]
+__all__ = ["dice_per_class", "accuracy", "mean_interval", "SegmentationMetric", "ClassificationMetric"]
 
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_empty: bool = True) -> torch.Tensor:
@@ -226,3 +226,30 @@ def _ovr_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (pos.numel() * neg.numel()))
+
+
+#: two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (standard tables, e.g. NIST/SEMATECH
+#: e-Handbook of Statistical Methods, table 1.3.6.7.2); above 30 the normal 1.96 is within 2 %
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: list[float]) -> dict[str, float | int | list[float]]:
+    """Mean, sample sd (ddof 1) and the t-based 95 % interval of the mean of ``values`` (e.g. one score per seed).
+
+    Returns ``{"n", "mean"}`` for one value, plus ``"sd", "ci95": [low, high]`` for two or more; ``{"n": 0}`` for
+    none. Non-finite values are refused (ValueError naming them)."""
+    v = [float(x) for x in values]
+    bad = [x for x in v if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"mean_interval: non-finite values {bad}")
+    n = len(v)
+    if n == 0:
+        return {"n": 0}
+    mean = sum(v) / n
+    if n == 1:
+        return {"n": 1, "mean": mean}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    h = t * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - h, mean + h]}

@@ -50,3 +50,42 @@ def test_results_table(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps(r))
     assert main(["results", str(tmp_path / "a.json")]) == 0
     assert "unet" in capsys.readouterr().out
+
+
+def test_results_over_seeds_gives_the_mean_sd_and_t_interval(tmp_path, capsys):
+    """Five runs (one per seed): mean 0.414, sd 0.02302, t(4) = 2.776 -> 95 % CI 0.414 -+ 0.02858 (scipy agrees to
+    1e-5: stats.t.ppf(0.975, 4) = 2.7764)."""
+    files = []
+    for seed, v in enumerate([0.40, 0.42, 0.41, 0.45, 0.39]):
+        f = tmp_path / f"seed{seed}.json"
+        f.write_text(json.dumps({"metric": "dice", "split": "test", "overall": {"mean": v, "std": 0.1, "n": 39},
+                                 "label": f"seed{seed}"}))
+        files.append(str(f))
+    assert main(["results", *files]) == 0
+    out = capsys.readouterr().out
+    assert ("over 5 runs: mean 0.4140, sd 0.0230, min 0.3900, max 0.4500, 95 % CI of the mean [0.3854, 0.4426] "
+            "(t, 4 df)") in out
+    (tmp_path / "other.json").write_text(json.dumps({"metric": "accuracy", "split": "test", "overall": {"mean": 0.9}}))
+    assert main(["results", files[0], str(tmp_path / "other.json")]) == 0
+    assert "no summary over runs: the files mix metrics/splits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([], {"n": 0}),
+    ([0.5], {"n": 1, "mean": 0.5}),
+    ([1.0, 3.0], {"n": 2, "mean": 2.0, "sd": 2 ** 0.5, "ci95": [2.0 - 12.706, 2.0 + 12.706]}),  # t(1) * sqrt(2)/sqrt(2)
+])
+def test_mean_interval_against_hand_computation(values, expected):
+    from fl_plugins.engine.metrics import mean_interval
+
+    got = mean_interval(values)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v)
+
+
+def test_mean_interval_refuses_non_finite_values():
+    from fl_plugins.engine.metrics import mean_interval
+
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_interval([0.5, float("nan")])
