@@ -166,8 +166,9 @@ def test_a_crashed_job_resumes_after_its_last_completed_round_and_ends_where_an_
     for k in INIT:  # bit for bit: the same arithmetic from the same checkpointed float32 values
         np.testing.assert_array_equal(resumed.saved[-1].params[k], full.saved[-1].params[k])
     assert resumed.ctrl.best["aggregate"] == full.ctrl.best["aggregate"] == 3
-    assert resumed.ctrl.resumed_from == {"round": 1, "total_rounds": 4, "job_id": "job",
+    assert resumed.ctrl.resumed_from == {"round": 1, "total_rounds": 4, "job_id": "job", "run_id": "job",
                                         "workflow": "FedAvgWithFinalValidation"}
+    assert all(m.meta["run_id"] == "job" for _, t, m in resumed.received if t == TASK_TRAIN)  # the sites' state key
     assert load_round_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["round"] == 3
 
 
