@@ -149,11 +149,16 @@ def test_same_seed_same_metrics_other_seed_other_metrics(sim_run, synth_seg_data
         return json.loads((ws / "server/simulate_job/app_server/final_metrics.json").read_text())["sites"]
 
     first = final(sim_run)
+    # the two runs side by side (each run is mostly start-up and polling: about 20 s of the suite saved)
+    procs = {seed: subprocess.Popen(
+        [sys.executable, "-m", "fl_plugins.cli", "simulate", "--job", "finetune_seg_unet", "--data",
+         str(synth_seg_data), "-w", str(tmp_path / f"ws{seed}"), "--sites", "2", "--quiet", "--set", f"fl.seed={seed}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=site_thread_env(4)) for seed in (0, 1)}
+    for seed, p in procs.items():
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
     for seed, same in ((0, True), (1, False)):
-        ws = tmp_path / f"ws{seed}"
-        assert flssl(["simulate", "--job", "finetune_seg_unet", "--data", str(synth_seg_data), "-w", str(ws),
-                      "--sites", "2", "--quiet", "--set", f"fl.seed={seed}"]) == 0
-        again = final(ws)
+        again = final(tmp_path / f"ws{seed}")
         diffs = [abs(again[s]["val_dice"] - first[s]["val_dice"]) for s in first]
         if same:
             assert max(diffs) <= 1e-6, (first, again)
