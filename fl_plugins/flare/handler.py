@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 #: the folder under a site's workspace root where sites keep their per-run state (``SiteContext.state_dir``)
 SITE_STATE_DIR = "fl_plugins_state"
 
-__all__ = ["SITE_STATE_DIR", "TaskHandler", "SiteContext", "MethodHandler", "to_numpy", "to_torch"]
+__all__ = ["SITE_STATE_DIR", "run_state_dir", "TaskHandler", "SiteContext", "MethodHandler", "to_numpy", "to_torch"]
 
 
 @dataclass
@@ -47,6 +47,14 @@ class SiteContext:
     #: a folder that outlives the job (the site's workspace root ``/fl_plugins_state``): what the site keeps between
     #: rounds is saved there per run (``<state_dir>/<run id>/<site>.pt``) so a resumed job continues it; None = off
     state_dir: str | None = None
+
+
+def run_state_dir(site: SiteContext, run_id: Any) -> str | None:
+    """``<site.state_dir>/<run id>`` (the id made safe for a folder name), or None when either is missing."""
+    if not site.state_dir or not run_id:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
+    return os.path.join(site.state_dir, safe)
 
 
 class TaskHandler(Protocol):
@@ -132,10 +140,8 @@ class MethodHandler:
         self.method.load_site_state_dict(state.get("method_site") or {})
 
     def _site_state_path(self, run_id: Any) -> str | None:
-        if not self.site.state_dir or not run_id:
-            return None
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
-        return os.path.join(self.site.state_dir, safe, f"{self.site.site_name}.pt")
+        folder = run_state_dir(self.site, run_id)
+        return None if folder is None else os.path.join(folder, f"{self.site.site_name}.pt")
 
     def restore_site_state(self, run_id: Any, rnd: int) -> bool:
         """In a fresh process (the first round it sees is not round 0: a resumed job), load the state this site saved

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fl_plugins.flare.handler import MethodHandler, SiteContext
+from fl_plugins.flare.handler import MethodHandler, SiteContext, run_state_dir
 from fl_plugins.flare.ssl_handler import site_seed
 from fl_plugins.wire import (
     META_EVALUATE,
@@ -209,11 +209,10 @@ class StagewiseHandler(MethodHandler):
         """The first task that names the run (``meta["run_id"]``, fl_plugins.flare.resume): the head is kept per run
         under ``<state_dir>/<run id>/<site>_stagewise_head.pt`` too; a handler without a head of its own (a resumed
         job) restores it from there."""
-        run_id = (model.meta or {}).get(META_RUN_ID)
-        if self.run_head_path is not None or not run_id or not self.site.state_dir:
+        folder = run_state_dir(self.site, (model.meta or {}).get(META_RUN_ID))
+        if self.run_head_path is not None or folder is None:
             return
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
-        self.run_head_path = Path(self.site.state_dir) / safe / f"{self.site.site_name}_{HEAD_FILE}"
+        self.run_head_path = Path(folder) / f"{self.site.site_name}_{HEAD_FILE}"
         if self.head_stage is None:
             self._restore_head(self.run_head_path)
 
