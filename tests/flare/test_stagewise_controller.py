@@ -323,6 +323,28 @@ def test_a_lost_site_no_longer_holds_the_stage(when, tmp_path):
     assert ("site-3", TASK_VALIDATE) not in {(s, name) for s, name, _ in run.received}
 
 
+def test_a_site_that_never_answers_its_stage_task_is_left_out_after_the_round_timeout(tmp_path, caplog):
+    """A site that holds its stage task and never answers (a FLARE client restarted mid-job): after round_timeout
+    the stage closes with the others' results, and the site is skipped in the validation and the next stage."""
+    run = Run(tmp_path, ["site-1", "site-2", "site-3"], num_stages=2, k_per_stage=3, round_timeout=1)
+    act = honest({"site-1": 1.0, "site-2": 2.0, "site-3": 3.0})
+
+    def silent_site_3(site: str, task: str, m: FLModel) -> Any:
+        if task == TASK_STAGE_FINETUNE and site == "site-3":
+            return None
+        return act(site, task, m)
+
+    with caplog.at_level(logging.WARNING):
+        run.go(silent_site_3, timeout=30)
+    first, second = run.table()["stages"]
+    assert sorted(first["contributors"]) == ["site-1", "site-2"]
+    assert sorted(second["asked"]) == ["site-1", "site-2"]
+    assert "stage 0: task 'stage_finetune' timed out after round_timeout=1s without a result from ['site-3']" in \
+        caplog.text
+    assert [s for s, name, _ in run.received if name == TASK_STAGE_FINETUNE].count("site-3") == 1
+    np.testing.assert_array_equal(run.base(2)["backbone.blocks.0.w"], BASE["backbone.blocks.0.w"] + 2 * 1.5)
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 
