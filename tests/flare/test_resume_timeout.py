@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,55 @@ def test_fclopt_keeps_its_predicted_target_and_byte_counts_across_a_resume(tmp_p
     np.testing.assert_array_equal(b.xi_hat["target.encoder.w"], a.xi_hat["target.encoder.w"])
     assert isinstance(b.xi_hat["target.encoder.w"], np.ndarray)
     assert b._correction is True and b.comm == a.comm
+
+
+# ------------------------------------------------------------------------------------------------- flssl resume
+
+REPO_JOB = Path(__file__).resolve().parents[2] / "jobs" / "finetune_seg_unet"
+
+
+def test_flssl_resume_writes_a_job_that_carries_the_checkpoint(tmp_path, capsys):
+    import json
+
+    from fl_plugins.cli import main as flssl
+
+    ckpt = _ckpt(tmp_path / "round_checkpoint.pt", completed_round=0, total_rounds=2)
+    out = tmp_path / "resumed"
+    assert flssl(["resume", "--checkpoint", ckpt, "--job", str(REPO_JOB), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "resumes run None of job None after its round 0, runs rounds 1..1" in printed
+    assert f"nvflare job submit -j {out}" in printed
+    cfg = json.loads((out / "app" / "config" / "config_fed_server.json").read_text())
+    (wf,) = cfg["workflows"]
+    assert wf["args"]["resume_from"] == "resume_checkpoint.pt"
+    assert (out / "app" / "config" / "resume_checkpoint.pt").read_bytes() == Path(ckpt).read_bytes()
+    assert json.loads((out / "meta.json").read_text())["name"] == "finetune_seg_unet_resume1"
+    # the original job folder is untouched
+    assert "resume_from" not in json.loads((REPO_JOB / "app" / "config" / "config_fed_server.json").read_text()
+                                           )["workflows"][0]["args"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _ckpt(p / "a.pt", completed_round=1, total_rounds=2), "after round 1, the last of 2"),
+    (lambda p: _ckpt(p / "b.pt", workflow="StagewiseController", total_rounds=2), "written by 'StagewiseController'"),
+    (lambda p: _ckpt(p / "c.pt", completed_round=0, total_rounds=5), "has 2 round(s); the checkpoint's job had 5"),
+    (lambda p: str(p / "missing.pt"), "--checkpoint: no round checkpoint at"),
+])
+def test_flssl_resume_refuses_what_cannot_resume_naming_the_option(tmp_path, capsys, make, message):
+    from fl_plugins.cli import main as flssl
+
+    assert flssl(["resume", "--checkpoint", make(tmp_path), "--job", str(REPO_JOB), "--out",
+                  str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_flssl_resume_refuses_an_existing_out_folder_and_a_non_job(tmp_path, capsys):
+    from fl_plugins.cli import main as flssl
+
+    ckpt = _ckpt(tmp_path / "c.pt", completed_round=0, total_rounds=2)
+    (tmp_path / "out").mkdir()
+    assert flssl(["resume", "--checkpoint", ckpt, "--job", str(REPO_JOB), "--out", str(tmp_path / "out")]) == 2
+    assert "--out:" in capsys.readouterr().err
+    assert flssl(["resume", "--checkpoint", ckpt, "--job", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    assert "is not a FLARE job folder (no meta.json)" in capsys.readouterr().err
