@@ -401,6 +401,22 @@ def _persistor_args_from(path: Path) -> dict[str, Any]:
     raise CLIError(f"no ConfigModelPersistor found under {str(path)!r}")
 
 
+def _job_image_size(path: Path) -> int | None:
+    """The sites' ``image_size`` (the executor's handler arguments in ``config_fed_client.json``) of a job folder,
+    simulator workspace or downloaded result; None if no client config names one."""
+    candidates = [path] if path.is_file() else sorted(path.rglob("config_fed_client.json"))
+    for c in candidates:
+        try:
+            cfg = json.loads(c.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for ex in cfg.get("executors", []):
+            size = ((ex.get("executor") or {}).get("args") or {}).get("handler_args", {}).get("image_size")
+            if isinstance(size, int) and not isinstance(size, bool):
+                return size
+    return None
+
+
 def _model_config_from(path: Path) -> dict[str, Any]:
     """The persistor's model_config (fine-tuning jobs)."""
     args = _persistor_args_from(path)
@@ -418,10 +434,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint)
     if not ckpt.is_file():
         raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
-    model_cfg = json.loads(a.model_config) if a.model_config else _model_config_from(Path(a.job or ckpt.parent.parent))
+    job_dir = Path(a.job or ckpt.parent.parent)
+    model_cfg = json.loads(a.model_config) if a.model_config else _model_config_from(job_dir)
+    image_size = a.image_size
+    if image_size is None and not a.model_config:  # the size the sites trained at, not a guess
+        image_size = _job_image_size(job_dir)
+        if image_size is not None:
+            print(f"image size {image_size} (the job's; --image-size to change)")
     obj = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
-    result = evaluate_sites(model_cfg, state, _datalists(a.data), split=a.split, image_size=a.image_size)
+    result = evaluate_sites(model_cfg, state, _datalists(a.data), split=a.split, image_size=image_size)
     result["checkpoint"] = str(ckpt)
     print(_format_result(result))
     if a.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,14 @@ def test_mean_interval_refuses_non_finite_values():
 
     with pytest.raises(ValueError, match="non-finite"):
         mean_interval([0.5, float("nan")])
+
+
+@pytest.mark.parametrize("job, size", [("finetune_cls_cnn", 28), ("finetune_cls", 32), ("finetune_seg_unet", 64)])
+def test_evaluate_takes_the_image_size_the_sites_trained_at(job, size):
+    """``flssl evaluate`` without ``--image-size`` resizes to the job's ``image_size`` (the executor's handler
+    arguments), not to a backbone default: a MONAI CNN classifier trained at 28 px was evaluated at 64 px before
+    and predicted the majority class on every BreastMNIST test image (balanced accuracy 0.5 vs 0.68-0.90)."""
+    from fl_plugins.cli import _job_image_size
+
+    repo = Path(__file__).resolve().parents[2]
+    assert _job_image_size(repo / "jobs" / job) == size
