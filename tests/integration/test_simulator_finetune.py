@@ -156,7 +156,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(sim_run, synth_seg_data
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=site_thread_env(4)) for seed in (0, 1)}
     for seed, p in procs.items():
         out, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == 0, f"seed {seed}: {out[-3000:]}"
     for seed, same in ((0, True), (1, False)):
         again = final(tmp_path / f"ws{seed}")
         diffs = [abs(again[s]["val_dice"] - first[s]["val_dice"]) for s in first]
