@@ -108,7 +108,7 @@ def _dims_problems(model: dict[str, Any], dl: dict[str, Any], job: str | None) -
     model_dims = int(model.get("spatial_dims", 2))
     if geo.spatial_dims == model_dims:
         return []
-    if model_dims == 2 and "spatial_dims" in model:
+    if model_dims == 2 and ("spatial_dims" in model or model.get("arch") == "vit_classifier"):
         fix = "--set model.spatial_dims=3"
     elif model_dims == 2:
         fix = "use job finetune_cls_cnn with --set model.spatial_dims=3" if dl["task"] == "classification" \

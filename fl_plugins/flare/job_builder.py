@@ -351,6 +351,8 @@ JOBS: dict[str, JobSpec] = {
             "num_labelled_patients": None,
         },
         builder=_finetune_builder,
+        # volumes: --set model.spatial_dims=3 (the 2D ViT over model.num_slices evenly spaced slices, default 8)
+        open_keys={"model": {"spatial_dims": 2, "num_slices": 8}},
     ),
     "finetune_cls_cnn": JobSpec(
         name="finetune_cls_cnn",

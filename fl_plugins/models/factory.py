@@ -9,7 +9,8 @@ Config schema (``arch`` and ``num_classes`` always; other keys optional, default
     {"arch": "vit_seg", "num_classes": 3, "backbone": {BackboneSpec fields},
      "pretrained": null, "feature_size": 16, "norm_name": "instance"}           # fl_plugins.models.vit_seg
     {"arch": "vit_classifier", "num_classes": 2, "backbone": {BackboneSpec fields},
-     "pretrained": null, "head": "linear", "freeze_backbone": false}            # fl_plugins.models.classifier
+     "pretrained": null, "head": "linear", "freeze_backbone": false,
+     "spatial_dims": 2, "num_slices": 8}            # fl_plugins.models.classifier; 3D: models.slice_classifier
     {"arch": "cnn_classifier", "num_classes": 2, "spatial_dims": 2, "depth": 10,
      "in_channels": 1, "widen_factor": 0.25}                                     # fl_plugins.models.cnn_classifier
 
@@ -44,7 +45,7 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "unet": _COMMON + ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims",
                        "pretrained"),
     "vit_seg": _COMMON + ("backbone", "pretrained", "feature_size", "norm_name"),
-    "vit_classifier": _COMMON + ("backbone", "pretrained", "head", "freeze_backbone"),
+    "vit_classifier": _COMMON + ("backbone", "pretrained", "head", "freeze_backbone", "spatial_dims", "num_slices"),
     "cnn_classifier": _COMMON + ("spatial_dims", "depth", "in_channels", "widen_factor"),
 }
 
@@ -84,13 +85,21 @@ def _build_vit_seg(cfg: Mapping[str, Any]) -> nn.Module:
 
 
 def _build_vit_classifier(cfg: Mapping[str, Any]) -> nn.Module:
-    return ViTClassifier(
-        _spec(cfg),
-        num_classes=int(cfg["num_classes"]),
-        head=str(cfg.get("head", "linear")),
-        pretrained=cfg.get("pretrained"),
-        freeze_backbone=bool(cfg.get("freeze_backbone", False)),
-    )
+    """2D: :class:`ViTClassifier`; ``spatial_dims=3``: the same 2D ViT over ``num_slices`` evenly spaced axial slices
+    of each volume, embeddings averaged (:class:`~fl_plugins.models.slice_classifier.SliceViTClassifier`, the
+    stage-wise job's 3D path; same keys, so a 2D export loads and the export is a 2D backbone)."""
+    dims = cfg.get("spatial_dims", 2)
+    if dims not in (2, 3) or isinstance(dims, bool):
+        raise ValueError(f"model config key 'spatial_dims' must be 2 or 3, got {dims!r}")
+    common = dict(num_classes=int(cfg["num_classes"]), head=str(cfg.get("head", "linear")),
+                  pretrained=cfg.get("pretrained"), freeze_backbone=bool(cfg.get("freeze_backbone", False)))
+    if dims == 3:
+        from fl_plugins.models.slice_classifier import SliceViTClassifier
+
+        return SliceViTClassifier(_spec(cfg), num_slices=cfg.get("num_slices", 8), **common)
+    if "num_slices" in cfg:
+        raise ValueError("model config key 'num_slices' needs spatial_dims=3 (it picks the slices of a volume)")
+    return ViTClassifier(_spec(cfg), **common)
 
 
 def _build_cnn_classifier(cfg: Mapping[str, Any]) -> nn.Module:

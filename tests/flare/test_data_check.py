@@ -42,7 +42,8 @@ def test_3d_data_for_a_2d_job_is_named(tmp_path):
     dl = load_datalist(_medmnist_site(tmp_path / "s", np.zeros((6, 8, 28, 28), np.uint8)))
     (p,) = job_data_problems("finetune_cls", job_settings("finetune_cls"), dl)
     assert "holds 3D images" in p and "data.npz" in p and "'finetune_cls' trains a 2D model" in p
-    assert "use job finetune_cls_cnn with --set model.spatial_dims=3" in p
+    assert p.endswith("trains a 2D model: --set model.spatial_dims=3")  # the ViT over slices (models.slice_classifier)
+    assert job_data_problems("finetune_cls", job_settings("finetune_cls", {"model": {"spatial_dims": 3}}), dl) == []
     (p,) = job_data_problems("finetune_cls_cnn", job_settings("finetune_cls_cnn"), dl)
     assert p.endswith("trains a 2D model: --set model.spatial_dims=3")
     assert job_data_problems("finetune_cls_cnn", job_settings("finetune_cls_cnn", {"model": {"spatial_dims": 3}}),

@@ -180,3 +180,38 @@ def test_build_model_error_lists_valid_keys() -> None:
 def test_model_summary_mentions_parts() -> None:
     s = model_summary(build_model(_cfg("vit_seg")))
     assert "backbone" in s and "decoder" in s and "ViTSegmenter" in s
+
+
+VIT_CLS = {"arch": "vit_classifier", "num_classes": 3,
+           "backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "in_chans": 1, "depth": 2}}
+
+
+def test_vit_classifier_of_volumes_runs_the_2d_backbone_over_slices() -> None:
+    """``spatial_dims=3``: the same state keys and shapes as the 2D classifier (a 2D export loads, the export is 2D),
+    logits [B, num_classes] for volumes, every trainable parameter gets a finite gradient, and the volume's logits
+    are the head of the mean of its selected slices' embeddings."""
+    m2, m3 = build_model(VIT_CLS), build_model({**VIT_CLS, "spatial_dims": 3, "num_slices": 4})
+    assert {k: v.shape for k, v in m2.state_dict().items()} == {k: v.shape for k, v in m3.state_dict().items()}
+    m3.load_state_dict(m2.state_dict())
+    x = torch.randn(2, 1, 16, 32, 32)
+    out = m3(x)
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    for name, p in m3.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    m2.eval(), m3.eval()
+    with torch.no_grad():
+        idx = [0, 5, 10, 15]  # 4 evenly spaced slices of 16, first and last included
+        emb = torch.stack([m2.backbone(x[:, :, i]) for i in idx], dim=1).mean(dim=1)
+        torch.testing.assert_close(m3(x), m2.head(emb))
+
+
+@pytest.mark.parametrize("cfg, named", [
+    ({**VIT_CLS, "spatial_dims": 4}, "spatial_dims"),
+    ({**VIT_CLS, "num_slices": 4}, "num_slices"),
+    ({**VIT_CLS, "spatial_dims": 3, "num_slices": 0}, "num_slices"),
+])
+def test_vit_classifier_dims_settings_are_checked(cfg: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        build_model(cfg)
