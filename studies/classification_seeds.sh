@@ -22,4 +22,5 @@ run breast_vit finetune_cls breastmnist
 run pneu_cnn finetune_cls_cnn pneumoniamnist_reconstructed
 run pneu_vit finetune_cls pneumoniamnist_reconstructed
 run adrenal_cnn finetune_cls_cnn adrenalmnist3d --set model.spatial_dims=3
+run adrenal_vit finetune_cls adrenalmnist3d --set model.spatial_dims=3
 echo done
