@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,14 +388,19 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- eval
-def _persistor_args_from(path: Path) -> dict[str, Any]:
-    """The persistor's args in a job folder, simulator workspace or downloaded job result."""
-    candidates = [path] if path.is_file() else sorted(path.rglob("config_fed_server.json"))
-    for c in candidates:
+def _job_configs(path: Path, name: str) -> Iterator[dict[str, Any]]:
+    """The readable ``name`` configs (``config_fed_server.json`` / ``config_fed_client.json``) of a job folder,
+    simulator workspace or downloaded job result (or ``path`` itself when it is a file), parsed, in path order."""
+    for c in [path] if path.is_file() else sorted(path.rglob(name)):
         try:
-            cfg = json.loads(c.read_text())
+            yield json.loads(c.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+
+
+def _persistor_args_from(path: Path) -> dict[str, Any]:
+    """The persistor's args in a job folder, simulator workspace or downloaded job result."""
+    for cfg in _job_configs(path, "config_fed_server.json"):
         for comp in cfg.get("components", []):
             if comp.get("path", "").endswith("ConfigModelPersistor"):
                 return comp["args"]
@@ -404,12 +410,7 @@ def _persistor_args_from(path: Path) -> dict[str, Any]:
 def _job_image_size(path: Path) -> int | None:
     """The sites' ``image_size`` (the executor's handler arguments in ``config_fed_client.json``) of a job folder,
     simulator workspace or downloaded result; None if no client config names one."""
-    candidates = [path] if path.is_file() else sorted(path.rglob("config_fed_client.json"))
-    for c in candidates:
-        try:
-            cfg = json.loads(c.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+    for cfg in _job_configs(path, "config_fed_client.json"):
         for ex in cfg.get("executors", []):
             size = ((ex.get("executor") or {}).get("args") or {}).get("handler_args", {}).get("image_size")
             if isinstance(size, int) and not isinstance(size, bool):
