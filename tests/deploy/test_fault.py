@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,18 @@ pytestmark = pytest.mark.slow
 def _job_processes(poc, job_id: str, site: str) -> list[tuple[int, str]]:
     return [(pid, cmd) for pid, cmd in poc.processes()
             if "worker_process" in cmd and job_id in cmd and f"-c {site} " in cmd]
+
+
+def _text(log: Path) -> str:
+    """A log file's text so far ("" before it exists)."""
+    return log.read_text(errors="replace") if log.is_file() else ""
+
+
+def _training_in_round_1(server_job_log: Path, site: str) -> bool:
+    """The server's job log shows ``site`` given its training task of round 1."""
+    text = _text(server_job_log)
+    i = text.find("Round 1 started")
+    return i >= 0 and f"assigned task to client {site}: name=train" in text[i:]
 
 
 def test_site_job_process_killed_mid_round(poc, tmp_path):
@@ -85,14 +98,9 @@ def test_site_client_killed_and_restarted_mid_round_job_completes_after_the_roun
     server_job_log = poc.site_dir(poc.server_name) / job_id / "log.txt"
 
     def log_text() -> str:
-        return server_job_log.read_text(errors="replace") if server_job_log.is_file() else ""
+        return _text(server_job_log)
 
-    def site2_training_round_1() -> bool:
-        text = log_text()
-        i = text.find("Round 1 started")
-        return i >= 0 and "assigned task to client site-2: name=train" in text[i:]
-
-    wait_for(site2_training_round_1, timeout=300, what="site-2 to get its round-1 task")
+    wait_for(lambda: _training_in_round_1(server_job_log, "site-2"), timeout=300, what="site-2 to get its round-1 task")
     site2 = poc.site_dir("site-2")
     daemon = int((site2 / "daemon_pid.fl").read_text())
     old_cp = int((site2 / "pid.fl").read_text())
@@ -182,14 +190,10 @@ def test_site_lost_mid_round_job_goes_on(tmp_path):
         server_job_log = server_dir / job_id / "log.txt"
 
         def log_text() -> str:
-            return server_job_log.read_text(errors="replace") if server_job_log.is_file() else ""
+            return _text(server_job_log)
 
-        def site3_training_round_1() -> bool:
-            text = log_text()
-            i = text.find("Round 1 started")
-            return i >= 0 and "assigned task to client site-3: name=train" in text[i:]
-
-        wait_for(site3_training_round_1, timeout=240, what="site-3 to get its round-1 task")
+        wait_for(lambda: _training_in_round_1(server_job_log, "site-3"), timeout=240,
+                 what="site-3 to get its round-1 task")
         site3 = poc.site_dir("site-3")
         daemon = int((site3 / "daemon_pid.fl").read_text())
         client = int((site3 / "pid.fl").read_text())
