@@ -190,20 +190,36 @@ def run_arm(a: argparse.Namespace, arm: str, seed: int, datalists: list[Path]) -
     model = build_model(d["model"])
     sd = model.state_dict()
     init = {k: sd[k].detach().numpy().astype(np.float32) for k in federated_keys(model)}
-    res = run_fedavg(handlers, init, rounds=a.max_rounds, key_metric=key, patience=a.patience)
     eval_cfg = dict(d["model"], pretrained=None)
-    ev = evaluate_sites(eval_cfg, res["best"]["params"], datalists, split="test", image_size=int(d["image_size"]))
-    curve = [float(np.mean([m[key] for m in rnd if key in m])) for rnd in res["rounds"]]
-    curve.append(float(np.mean([m[key] for m in res["final"] if key in m])))
-    if a.score == "overall":  # Dice over all test volumes / accuracy over all test images
-        score = float(ev["overall"]["mean"])
-    else:  # classification: the mean over sites of each site's balanced accuracy or AUC
-        score = float(np.mean([m[a.score] for m in ev["sites"].values()]))
-    return {"arm": arm, "seed": seed, "test": ev["overall"], "test_score": score, "score": a.score,
-            "test_sites": ev["sites"], "best_round": res["best"]["round"], "best_val": res["best"]["score"],
-            "rounds_run": res["rounds_run"], "steps_per_site": res["rounds_run"] * a.steps,
-            "val_curve": curve, "labelled_items_per_site": {h.site.site_name: h.num_train_items for h in handlers},
-            "seconds": time.perf_counter() - t0}
+
+    def train_and_test(group: list[Any]) -> dict[str, Any]:
+        """FedAvg over ``group`` (one site: local training) with early stopping; the best model on every test split."""
+        res = run_fedavg(group, init, rounds=a.max_rounds, key_metric=key, patience=a.patience)
+        ev = evaluate_sites(eval_cfg, res["best"]["params"], datalists, split="test", image_size=int(d["image_size"]))
+        curve = [float(np.mean([m[key] for m in rnd if key in m])) for rnd in res["rounds"]]
+        curve.append(float(np.mean([m[key] for m in res["final"] if key in m])))
+        if a.score == "overall":  # Dice over all test volumes / accuracy over all test images
+            score = float(ev["overall"]["mean"])
+        else:  # classification: the mean over sites of each site's balanced accuracy or AUC
+            score = float(np.mean([m[a.score] for m in ev["sites"].values()]))
+        return {"test": ev["overall"], "test_score": score, "test_sites": ev["sites"],
+                "best_round": res["best"]["round"], "best_val": res["best"]["score"], "rounds_run": res["rounds_run"],
+                "steps_per_site": res["rounds_run"] * a.steps, "val_curve": curve}
+
+    out: dict[str, Any] = {"arm": arm, "seed": seed, "score": a.score, "mode": "local" if a.local else "federated",
+                           "labelled_items_per_site": {h.site.site_name: h.num_train_items for h in handlers}}
+    if a.local:  # the paper's Table 1: every site fine-tunes alone; the arm's score is the mean over sites
+        local = {h.site.site_name: train_and_test([h]) for h in handlers}
+        out["local"] = local
+        out["test_score"] = float(np.mean([r["test_score"] for r in local.values()]))
+        out["best_round"] = {k: r["best_round"] for k, r in local.items()}
+        out["rounds_run"] = {k: r["rounds_run"] for k, r in local.items()}
+        out["best_val"] = float(np.mean([r["best_val"] for r in local.values()]))
+        out["val_curve"] = []
+    else:
+        out.update(train_and_test(handlers))
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -227,7 +243,11 @@ def finetune(a: argparse.Namespace) -> int:
     if "pretrained" in a.arms and not Path(a.pretrained).is_file():
         raise SystemExit(f"--pretrained {a.pretrained!r} does not exist")
     out = Path(a.out)
-    runs: list[dict[str, Any]] = json.loads(out.read_text())["runs"] if out.is_file() else []
+    previous = json.loads(out.read_text()) if out.is_file() else {"runs": [], "settings": {}}
+    if bool(previous["settings"].get("local", False)) != a.local and previous["runs"]:
+        raise SystemExit(f"{out} holds {'local' if not a.local else 'federated'} runs; --local must match "
+                         f"(or give another --out)")
+    runs: list[dict[str, Any]] = previous["runs"]
     done = {(r["arm"], r["seed"]) for r in runs}
     base = _sites(a.data)
     a.tmp = tempfile.mkdtemp(prefix="pf_study_")
@@ -268,6 +288,13 @@ def merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rounds(r: dict[str, Any]) -> str:
+    """``best round / rounds run`` of a run; for local fine-tuning one pair per site."""
+    if isinstance(r["best_round"], dict):
+        return ", ".join(f"{k} {r['best_round'][k]} / {r['rounds_run'][k]}" for k in r["best_round"])
+    return f"{r['best_round']} / {r['rounds_run']}"
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
     """Per-seed table (test score, best round / rounds run per arm) and the summary lines, as Markdown."""
     by = {(r["arm"], r["seed"]): r for r in runs}
@@ -279,7 +306,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         lab = (p or q or {}).get("labelled_patients", {})
         cells = [str(s), "; ".join(f"{k}: {', '.join(v)}" for k, v in lab.items())]
         for r in (p, q):
-            cells += ([f"{r['test_score']:.3f}", f"{r['best_round']} / {r['rounds_run']}"] if r else ["-", "-"])
+            cells += ([f"{r['test_score']:.3f}", _rounds(r)] if r else ["-", "-"])
         cells.append(f"{p['test_score'] - q['test_score']:+.3f}" if p and q else "-")
         lines.append("| " + " | ".join(cells) + " |")
     sm = summarize(runs)
@@ -321,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("--score", default="overall", choices=("overall", "balanced_accuracy", "auc"),
                     help="test score compared between arms (classification: mean over sites of balanced accuracy "
                          "or AUC; overall = Dice over all volumes / accuracy over all images)")
+    pf.add_argument("--local", action="store_true",
+                    help="every site fine-tunes alone on its own labelled patients (early stopping on its own "
+                         "validation split); a run's test score is the mean over sites of each local model's score "
+                         "on every site's test split")
     pf.add_argument("--out", required=True, help="results JSON (rewritten after every run; rerun to resume)")
     pf.set_defaults(func=finetune)
     pm = sub.add_parser("merge", help="combine result files of the same study (arms run in parallel processes)")
