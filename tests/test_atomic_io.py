@@ -95,3 +95,69 @@ def test_atomic_torch_save_round_trips_and_keeps_the_old_file_on_error(tmp_path)
         atomic_torch_save({"f": lambda: 0}, path)
     assert torch.equal(torch.load(path)["w"], torch.arange(3))
     assert _names(tmp_path) == ["m.pt"]
+
+
+# -- BackgroundSaver: writes later, in order, errors not lost ------------------------------------------------------------
+
+
+def test_background_saver_writes_in_order_and_save_returns_before_the_write(tmp_path):
+    import threading
+
+    import torch
+
+    from fl_plugins.engine.checkpoint import BackgroundSaver
+
+    gate, order = threading.Event(), []
+    saver = BackgroundSaver("test", max_pending=8)
+    saver.submit("gate", lambda: (gate.wait(5), order.append("gate")))
+    for i in range(3):
+        saver.save({"i": torch.tensor([i])}, tmp_path / "m.pt")  # the same file three times: the last one wins
+        saver.submit(f"mark {i}", order.append, i)
+    saver.write_text("done", tmp_path / "t.txt")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "t.txt").exists()  # nothing written yet
+    gate.set()
+    saver.flush()
+    assert order == ["gate", 0, 1, 2]
+    assert torch.load(tmp_path / "m.pt")["i"].item() == 2
+    assert (tmp_path / "t.txt").read_text() == "done"
+    assert _names(tmp_path) == ["m.pt", "t.txt"]
+
+
+def test_background_saver_bounds_the_writes_waiting(tmp_path):
+    import threading
+
+    from fl_plugins.engine.checkpoint import BackgroundSaver
+
+    gate = threading.Event()
+    saver = BackgroundSaver("test", max_pending=1)
+    saver.submit("first", gate.wait, 5)
+    released = threading.Timer(0.3, gate.set)
+    released.start()
+    saver.submit("second", lambda: None)  # waits for the first: max_pending=1
+    assert gate.is_set()
+    saver.flush()
+
+
+@pytest.mark.parametrize("on_error", ["raise", "log"])
+def test_background_saver_failed_write_is_raised_naming_the_file_or_logged(tmp_path, caplog, on_error):
+    from fl_plugins.engine.checkpoint import BackgroundSaver
+
+    (tmp_path / "old.pt").write_bytes(b"old")
+    saver = BackgroundSaver("server-files", on_error=on_error)
+    saver.save(lambda: None, tmp_path / "old.pt")  # a lambda cannot be pickled
+    if on_error == "raise":
+        with pytest.raises(OSError, match=r"server-files: could not write .*old\.pt"):
+            saver.flush()
+    else:
+        saver.flush()
+        assert "server-files: could not write" in caplog.text and "old.pt" in caplog.text
+    assert (tmp_path / "old.pt").read_bytes() == b"old" and _names(tmp_path) == ["old.pt"]
+    saver.flush()  # the error was reported once
+
+
+@pytest.mark.parametrize("kwargs, match", [({"on_error": "ignore"}, "on_error"), ({"max_pending": 0}, "max_pending")])
+def test_background_saver_rejects_bad_settings(kwargs, match):
+    from fl_plugins.engine.checkpoint import BackgroundSaver
+
+    with pytest.raises(ValueError, match=match):
+        BackgroundSaver("x", **kwargs)

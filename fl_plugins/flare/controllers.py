@@ -50,9 +50,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from fl_plugins.engine.checkpoint import atomic_torch_save, atomic_write_text
+from fl_plugins.engine.checkpoint import atomic_write_text
 from fl_plugins.flare.aggregators import META_NR_AGGREGATED, META_NR_REJECTED, META_REJECTED_REASONS, WeightedAverage
-from fl_plugins.flare.resume import RoundCheckpoint
+from fl_plugins.flare.resume import RoundCheckpoint, ServerFiles
 from fl_plugins.flare.update_check import Rejection, site_of
 from fl_plugins.wire import META_CLIENT_NAME, META_RUN_ID, TASK_VALIDATE
 
@@ -330,7 +330,7 @@ class FinalValidation:
         return summary
 
 
-class BestModelSelection:
+class BestModelSelection(ServerFiles):
     """Mixin for any nvflare ``ModelController``: the best global model, chosen right.
 
     A site's ``train`` result reports metrics of the model it *received* (the previous aggregate, or the initial
@@ -371,8 +371,8 @@ class BestModelSelection:
                      "sites": values}
         app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) or "."
         state = {k: torch.as_tensor(v).clone() for k, v in params.items()}
-        atomic_torch_save({"model": state, "best": self.best}, os.path.join(app_root, self.BEST_MODEL_FILE))
-        atomic_write_text(json.dumps(self.best, indent=2), os.path.join(app_root, self.BEST_METRIC_FILE))
+        self.files.save({"model": state, "best": dict(self.best)}, os.path.join(app_root, self.BEST_MODEL_FILE))
+        self.files.write_text(json.dumps(self.best, indent=2), os.path.join(app_root, self.BEST_METRIC_FILE))
         self.info(f"new best global model: the {'initial model' if aggregate < 0 else f'aggregate of round {aggregate}'}"
                   f", mean {self.key_metric} {score:.4f} over {sorted(values)} ({when})")
         return True
@@ -572,11 +572,14 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
             self.model = FLModel(params=ckpt["params"], params_type=ParamsType(ckpt["params_type"]))
             self.start_round = int(ckpt["round"]) + 1
             self.num_rounds = self.total_rounds - self.start_round
-        super().run()
-        if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
-            return
-        last = self.start_round + self.num_rounds - 1
-        summary = self.run_final_validation(self._last_model.params, self._last_model.params_type, last + 1,
-                                            self.num_rounds)
-        if summary is not None:
-            self.consider_candidate(dict(self._last_model.params), last, summary["sites"], "the final validation")
+        try:
+            super().run()
+            if not self.final_validation or self._last_model is None or self.abort_signal.triggered:
+                return
+            last = self.start_round + self.num_rounds - 1
+            summary = self.run_final_validation(self._last_model.params, self._last_model.params_type, last + 1,
+                                                self.num_rounds)
+            if summary is not None:
+                self.consider_candidate(dict(self._last_model.params), last, summary["sites"], "the final validation")
+        finally:
+            self.flush_files()

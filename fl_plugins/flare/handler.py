@@ -171,27 +171,20 @@ class MethodHandler:
         if path is None:
             return
         import copy
-        from concurrent.futures import ThreadPoolExecutor
 
-        from fl_plugins.engine.checkpoint import atomic_torch_save
+        from fl_plugins.engine.checkpoint import BackgroundSaver
 
-        self.wait_site_state()
-        obj = {"round": int(rnd), "run_id": str(run_id), "state": copy.deepcopy(self.site_state())}
-        if getattr(self, "_state_writer", None) is None:
-            self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-state")
-        self._state_write = self._state_writer.submit(atomic_torch_save, obj, path)
+        if getattr(self, "_state_writer", None) is None:  # one write at a time: the next save waits for this one
+            self._state_writer = BackgroundSaver(f"site {self.site.site_name}: site state", on_error="log",
+                                                 max_pending=1)
+        self._state_writer.save({"round": int(rnd), "run_id": str(run_id), "state": copy.deepcopy(self.site_state())},
+                                path)
 
     def wait_site_state(self) -> None:
         """Block until the last :meth:`save_site_state` is on disk; a failed write is logged, not raised (the state
         only serves a resume)."""
-        pending = getattr(self, "_state_write", None)
-        if pending is None:
-            return
-        self._state_write = None
-        try:
-            pending.result()
-        except Exception as e:  # a full disk must not fail the training
-            log.warning("site %s: could not save its site state for a resume: %s", self.site.site_name, e)
+        if getattr(self, "_state_writer", None) is not None:
+            self._state_writer.flush()
 
     def train(self, model: FLModel) -> FLModel:
         rnd = int(model.current_round or 0)

@@ -1,7 +1,9 @@
 """Server-side global model persistence for models described by a config dict or a registered method.
 
-``PTFileModelPersistor`` (nvflare) writes ``FL_global_model.pt`` (the last global model) atomically (temp file +
-``os.replace``); the best model is chosen and written by the controller
+``PTFileModelPersistor`` (nvflare) keeps the last global model in ``FL_global_model.pt``; here the file is written
+atomically (temp file, fsync, ``os.replace``) by a background thread from a copy taken at the save, so the next
+round does not wait for the disk (see :class:`fl_plugins.flare.resume.ServerFiles`; flushed at the end of the run,
+a failed write is raised at the next save or then). The best model is chosen and written by the controller
 (:class:`fl_plugins.flare.controllers.BestModelSelection`). This subclass only builds the initial model, seeded,
 from :func:`fl_plugins.models.factory.build_model` or :func:`fl_plugins.methods.build`, so that jobs are plain
 JSON naming an installed class (no custom code in the job).
@@ -77,7 +79,24 @@ class ConfigModelPersistor(PTFileModelPersistor):
         method = build(self.method, self.method_config)
         return method.state_module() if hasattr(method, "state_module") else method
 
+    def save_model_file(self, save_path: str) -> None:
+        """nvflare's write of the persisted dict, done later by a background thread on a copy taken now."""
+        import copy
+
+        from fl_plugins.engine.checkpoint import BackgroundSaver
+
+        if getattr(self, "_files", None) is None:
+            self._files = BackgroundSaver("global-model-file")
+        self._files.save(copy.deepcopy(self.persistence_manager.to_persistence_dict()), save_path)
+
+    def flush(self) -> None:
+        """Wait until the saved model files are on disk."""
+        if getattr(self, "_files", None) is not None:
+            self._files.flush()
+
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
+        if event == EventType.END_RUN:
+            self.flush()
         if event == EventType.START_RUN and self.model is None:
             try:
                 self.model = self.build_global_model()

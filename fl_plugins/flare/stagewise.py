@@ -304,6 +304,12 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
     # ------------------------------------------------------------------------------------------------ workflow
 
     def run(self) -> None:
+        try:
+            self._run_stages()
+        finally:
+            self.flush_files()
+
+    def _run_stages(self) -> None:
         self._phase = "the set-up"
         self._app_root()
         model = self.load_model()

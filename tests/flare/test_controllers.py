@@ -270,6 +270,8 @@ def test_best_model_candidates_scored_by_the_unweighted_site_mean_and_saved_with
     # 0.45 = (0.3 + 0.6) / 2 beats 0.3 although a sample-weighted mean could rank them otherwise
     assert best.consider_candidate(w2, 1, {"site-1": {"val_dice": 0.3}, "site-2": {"val_dice": 0.6}},
                                    "the final validation")
+    w2["w"][:] = 9.0  # written later by the files' thread (ServerFiles), from a copy taken at the choice
+    best.flush_files()
     saved = torch.load(tmp_path / "best_FL_global_model.pt", weights_only=False)
     assert torch.equal(saved["model"]["w"], torch.full((2,), 2.0))
     assert saved["best"] == json.loads((tmp_path / "best_metric.json").read_text())
