@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dino_finetune_study import t_ci  # noqa: E402
 
 #: settings that must be equal for two arms to be compared
-RECIPE_KEYS = ("job", "data", "labelled", "steps", "max_rounds", "patience", "set", "score")
+RECIPE_KEYS = ("job", "data", "labelled", "steps", "max_rounds", "patience", "set", "score", "local")
+#: the value of a key that files written before it existed lack
+RECIPE_DEFAULTS = {"local": False}
 
 
 def load_arm(spec: str) -> tuple[str, dict[int, dict[str, Any]], dict[str, Any]]:
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the table and statistics as JSON here")
     a = p.parse_args(argv)
     arms = [load_arm(a.ref)] + [load_arm(s) for s in a.arms]
-    recipe = {k: arms[0][2].get(k) for k in RECIPE_KEYS}
+    recipe = {k: arms[0][2].get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE_KEYS}
     for name, _, settings in arms[1:]:
-        other = {k: settings.get(k) for k in RECIPE_KEYS}
+        other = {k: settings.get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE_KEYS}
         if other != recipe:
             diff = {k: (recipe[k], other[k]) for k in RECIPE_KEYS if recipe[k] != other[k]}
             raise SystemExit(f"arm {name!r} was fine-tuned with another recipe than {arms[0][0]!r}: {diff}")
