@@ -28,16 +28,17 @@ STEPS = 2
 SITES = ["site-1", "site-2"]
 
 
-def _handlers(data: Path, mode: str, dp: float | None) -> dict[str, FCLOptHandler]:
-    cfg = {**TINY, "target_mode": mode}
+def _handlers(data: Path, mode: str, dp: float | None, extra: dict | None = None) -> dict[str, FCLOptHandler]:
+    cfg = {**TINY, "target_mode": mode, **(extra or {})}
     return {s: FCLOptHandler(SiteContext(s, str(data / s / "datalist.json"), tempfile.mkdtemp(prefix=f"{s}_")),
                              dict(cfg), steps_per_round=STEPS, total_rounds=4, dp_threshold=dp) for s in SITES}
 
 
-def _run(tmp_path, data, mode="ptnu", dp=None, rounds=3, skip=frozenset()):
-    """``skip``: (site, round) pairs in which the site fails its task (it misses the round)."""
-    handlers = _handlers(data, mode, dp)
-    method = build("fclopt", {**TINY, "target_mode": mode})
+def _run(tmp_path, data, mode="ptnu", dp=None, rounds=3, skip=frozenset(), extra=None):
+    """``skip``: (site, round) pairs in which the site fails its task (it misses the round); ``extra``: more
+    ``fclopt`` settings."""
+    handlers = _handlers(data, mode, dp, extra)
+    method = build("fclopt", {**TINY, "target_mode": mode, **(extra or {})})
     fed = method.state_taxonomy()["federated"]
     init = {k: v.numpy() for k, v in method.state_dict().items() if k in fed}
     ctrl = FCLOptController(num_rounds=rounds, num_clients=1, task_check_period=0.005, final_validation=False,
@@ -114,6 +115,48 @@ def test_fclopt_alone_carries_the_target_both_ways_and_accounting_matches_the_pa
         got = summary["bytes_per_site_per_round"][direction]
         assert got == {p: float(want[p]) for p in ("online", "predictor", "target")}
     assert want["target"] > 0 and want["online"] == want["target"]  # the target is a copy of the online network
+
+
+def test_local_predictor_never_crosses_the_wire_and_each_site_keeps_its_own(tmp_path, synth_seg_data):
+    method = build("fclopt", {**TINY, "local_predictor": True})
+    tax = method.state_taxonomy()
+    pred = sorted(k for k in method.state_dict() if k.startswith("predictor."))
+    assert pred and set(pred) <= set(tax["site"]) and not set(pred) & set(tax["federated"])
+    h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=1e9, rounds=3, extra={"local_predictor": True})
+    assert len(checks) == 6 and all(same for _, _, same in checks), checks  # PTNU still bit-identical
+    for site, _name, m in h.received:
+        assert not any(k.startswith(("predictor.", "target.")) for k in m.params), (site, m.current_round)
+    summary = json.loads((tmp_path / COMM_FILE).read_text())
+    per = summary["bytes_per_site_per_round"]
+    assert per["up"]["predictor"] == per["down"]["predictor"] == 0 and per["up"]["target"] == 0
+    assert per["total"] == per["up"]["online"] + per["down"]["online"] > 0  # the online network only, both ways
+    p1, p2 = (handlers[s].method.predictor.state_dict() for s in SITES)
+    assert any(not torch.equal(p1[k], p2[k]) for k in p1)  # trained apart, never averaged
+
+
+def test_local_predictor_starts_each_round_where_the_site_left_it(synth_seg_data):
+    """Round r's local training starts from the site's own predictor of the end of round r - 1 (not an average, not
+    the initial one), while the online network starts from the broadcast weights."""
+    h = _handlers(synth_seg_data, "fedavg", None, {"local_predictor": True})["site-1"]
+    starts, ends = [], []
+    train = h.local_train
+
+    def spy(global_step):
+        starts.append({k: v.clone() for k, v in h.method.predictor.state_dict().items()})
+        out = train(global_step)
+        ends.append({k: v.clone() for k, v in h.method.predictor.state_dict().items()})
+        return out
+
+    h.local_train = spy
+    init = {k: v.numpy().copy() for k, v in h.method.federated_state_dict().items()}
+    assert not any(k.startswith("predictor.") for k in init)
+    for rnd in range(2):
+        res = h.train(FLModel(params=dict(init), params_type=ParamsType.FULL, current_round=rnd))
+        assert not any(k.startswith("predictor.") for k in res.params)
+    assert all(torch.equal(starts[1][k], ends[0][k]) for k in ends[0])
+    assert any(not torch.equal(starts[1][k], starts[0][k]) for k in ends[0])
+    with pytest.raises(ValueError, match="local_predictor"):
+        build("fclopt", {**TINY, "local_predictor": "yes"})
 
 
 def test_handler_refuses_a_round_it_cannot_predict(synth_seg_data):
