@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14: FCLOpt, FCLOpt+PTNU, FCLOpt+PTNU+DP pretrained on ACDC in the FLARE simulator (the real controllers and
+# Issue 14: FCLOpt, FCLOpt+PTNU, FCLOpt+PTNU+DP (and PTNU+DP with the predictor kept on the sites) pretrained on ACDC in the FLARE simulator (the real controllers and
 # their byte accounting), each backbone exported, then the FCL study's fine-tuning protocol (5 paired seeds, 1
 # labelled patient per site, early stopping). Resumable: finished pretrainings and fine-tuning runs are skipped.
 #   R=runs/fclopt ROUNDS=40 STEPS=20 bash studies/fclopt_study.sh
@@ -21,9 +21,15 @@ pretrain() {  # name job extra-settings...
 pretrain fclopt fclopt_pretrain
 pretrain fclopt_ptnu fclopt_ptnu_dp_pretrain --set dp_threshold=null
 pretrain fclopt_ptnu_dp fclopt_ptnu_dp_pretrain
-for name in fclopt fclopt_ptnu fclopt_ptnu_dp; do
+pretrain fclopt_ptnu_dp_lp fclopt_ptnu_dp_pretrain --set fclopt.local_predictor=true
+# random init with the same recipe, seeds and labelled patients
+# shellcheck disable=SC2086
+python3 studies/pretrain_finetune_study.py --threads 1 finetune --job finetune_seg_unet --data "$DATA" \
+  --labelled 1 --seeds $SEEDS --arms random --steps 25 --max-rounds "$FT_ROUNDS" \
+  --patience "$PATIENCE" --set model.num_classes=4 --out "$R/ft_random_l1.json"
+for name in fclopt fclopt_ptnu fclopt_ptnu_dp fclopt_ptnu_dp_lp; do
   # shellcheck disable=SC2086
-  python3 studies/pretrain_finetune_study.py --threads 2 finetune --job finetune_seg_unet --data "$DATA" \
+  python3 studies/pretrain_finetune_study.py --threads 1 finetune --job finetune_seg_unet --data "$DATA" \
     --pretrained "$R/$name.pt" --labelled 1 --seeds $SEEDS --arms pretrained --steps 25 --max-rounds "$FT_ROUNDS" \
     --patience "$PATIENCE" --set model.num_classes=4 --out "$R/ft_${name}_l1.json"
 done

@@ -240,8 +240,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def finetune(a: argparse.Namespace) -> int:
     install_dataset_cache()
-    if "pretrained" in a.arms and not Path(a.pretrained).is_file():
-        raise SystemExit(f"--pretrained {a.pretrained!r} does not exist")
+    if "pretrained" in a.arms and (a.pretrained is None or not Path(a.pretrained).is_file()):
+        raise SystemExit(f"--pretrained {a.pretrained!r} does not exist (the arm pretrained needs it)")
     out = Path(a.out)
     previous = json.loads(out.read_text()) if out.is_file() else {"runs": [], "settings": {}}
     if bool(previous["settings"].get("local", False)) != a.local and previous["runs"]:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     pf = sub.add_parser("finetune", help="paired fine-tuning from --pretrained and from random init")
     pf.add_argument("--job", required=True, help="ready fine-tuning job (finetune_seg_unet, finetune_cls, ...)")
     pf.add_argument("--data", required=True)
-    pf.add_argument("--pretrained", required=True)
+    pf.add_argument("--pretrained", help="exported backbone (needed by the arm pretrained)")
     pf.add_argument("--labelled", type=int, required=True, help="labelled patients (images, for MedMNIST) per site")
     pf.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     pf.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
