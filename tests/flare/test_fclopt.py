@@ -90,6 +90,21 @@ def test_a_site_that_missed_a_round_is_resynchronised_and_agrees_again(tmp_path,
     assert got_target == [("site-2", 2)]  # the one resynchronisation, nothing else
 
 
+def test_a_site_that_joins_late_is_sent_the_target_and_then_predicts_it(tmp_path, synth_seg_data):
+    """site-2 takes no part in rounds 0 and 1 (its handler has never trained nor predicted) and joins in round 2:
+    the task of round 2 carries the target, with DP on; from then on every party's target is bit-identical."""
+    skip = {("site-2", 0), ("site-2", 1)}
+    h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=1e9, rounds=4, skip=skip)
+    assert [c for c in checks if c[0] == "site-2"] == [("site-2", 2, True), ("site-2", 3, True)]
+    assert all(same for _, _, same in checks), checks
+    got_target = [(s, m.current_round) for s, _, m in h.received if any(k.startswith("target.") for k in m.params)]
+    # every task offered to a site absent from the previous round carries the target (the server cannot know
+    # whether it will answer): round 1 (absent in 0, offered but failed) and round 2 (absent in 1, joins)
+    assert got_target == [("site-2", 1), ("site-2", 2)]
+    summary = json.loads((tmp_path / COMM_FILE).read_text())
+    assert summary["target_upload_fraction"] == 0.0  # DP with a huge threshold: the late site uploads nothing either
+
+
 def test_dp_uploads_only_above_the_threshold_and_corrections_reach_every_site(tmp_path, synth_seg_data):
     # delta = 0: every site uploads every round (a round where every site uploads); the corrected target goes to all
     h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=0.0, rounds=3)
