@@ -59,11 +59,12 @@ def _sites(data: str) -> list[Path]:
     return dls
 
 
-def _apply_sets(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """``d`` with the ``--set KEY=VALUE`` items merged in (the CLI's own parsing and merge)."""
+def _apply_sets(d: dict[str, Any], sets: list[str], open_keys: Any = None) -> dict[str, Any]:
+    """``d`` with the ``--set KEY=VALUE`` items merged in (the CLI's own parsing and merge; ``open_keys``: the job's
+    settings that are not in its defaults, e.g. ``model.spatial_dims``)."""
     from fl_plugins.settings import merge_settings, parse_set
 
-    return merge_settings(d, parse_set(sets))
+    return merge_settings(d, parse_set(sets), open_keys)
 
 
 # -- pretraining ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def labelled_datalists(datalists: list[Path], k: int, seed: int, folder: Path) -
 def job_settings(a: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
     from fl_plugins.flare.job_builder import JOBS
 
-    d = _apply_sets(copy.deepcopy(JOBS[a.job].defaults), a.set)
+    d = _apply_sets(copy.deepcopy(JOBS[a.job].defaults), a.set, JOBS[a.job].open_keys)
     d["model"]["pretrained"] = str(Path(a.pretrained).resolve()) if arm == "pretrained" else None
     d["trainer"] = dict(d["trainer"], steps_per_round=a.steps, seed=seed)
     return d
@@ -240,6 +241,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def finetune(a: argparse.Namespace) -> int:
     install_dataset_cache()
+    if a.labelled < 0:
+        raise SystemExit(f"--labelled must be >= 0 (0 = every labelled item), got {a.labelled}")
     if "pretrained" in a.arms and (a.pretrained is None or not Path(a.pretrained).is_file()):
         raise SystemExit(f"--pretrained {a.pretrained!r} does not exist (the arm pretrained needs it)")
     out = Path(a.out)
@@ -254,7 +257,10 @@ def finetune(a: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(a).items() if k not in ("func", "tmp")}
     t_all = time.perf_counter()
     for seed in a.seeds:
-        dls, chosen = labelled_datalists(base, a.labelled, seed, Path(a.tmp) / f"seed{seed}")
+        if a.labelled == 0:  # every labelled item of every site (a plain supervised baseline)
+            dls, chosen = base, {p.parent.name: "all" for p in base}
+        else:
+            dls, chosen = labelled_datalists(base, a.labelled, seed, Path(a.tmp) / f"seed{seed}")
         for arm in a.arms:
             if (arm, seed) in done:
                 continue
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("--job", required=True, help="ready fine-tuning job (finetune_seg_unet, finetune_cls, ...)")
     pf.add_argument("--data", required=True)
     pf.add_argument("--pretrained", help="exported backbone (needed by the arm pretrained)")
-    pf.add_argument("--labelled", type=int, required=True, help="labelled patients (images, for MedMNIST) per site")
+    pf.add_argument("--labelled", type=int, required=True, help="labelled patients (images, for MedMNIST) per site, drawn per seed; 0 = all of them")
     pf.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     pf.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     pf.add_argument("--steps", type=int, default=25, help="local steps per round")
