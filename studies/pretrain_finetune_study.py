@@ -31,7 +31,6 @@ Example (the ACDC result in ``docs/results/mim_real_data.md``)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
@@ -57,14 +56,6 @@ def _sites(data: str) -> list[Path]:
     if not dls:
         raise SystemExit(f"no <site>/datalist.json under {data}")
     return dls
-
-
-def _apply_sets(d: dict[str, Any], sets: list[str], open_keys: Any = None) -> dict[str, Any]:
-    """``d`` with the ``--set KEY=VALUE`` items merged in (the CLI's own parsing and merge; ``open_keys``: the job's
-    settings that are not in its defaults, e.g. ``model.spatial_dims``)."""
-    from fl_plugins.settings import merge_settings, parse_set
-
-    return merge_settings(d, parse_set(sets), open_keys)
 
 
 # -- pretraining ---------------------------------------------------------------------------------------------------
@@ -165,9 +156,11 @@ def labelled_datalists(datalists: list[Path], k: int, seed: int, folder: Path) -
 
 
 def job_settings(a: argparse.Namespace, arm: str, seed: int) -> dict[str, Any]:
-    from fl_plugins.flare.job_builder import JOBS
+    from fl_plugins.flare import job_builder
+    from fl_plugins.settings import parse_set
 
-    d = _apply_sets(copy.deepcopy(JOBS[a.job].defaults), a.set, JOBS[a.job].open_keys)
+    # the CLI's own parsing and merge: the job's defaults and open keys (e.g. model.spatial_dims), unknown keys refused
+    d = job_builder.job_settings(a.job, parse_set(a.set))
     d["model"]["pretrained"] = str(Path(a.pretrained).resolve()) if arm == "pretrained" else None
     d["trainer"] = dict(d["trainer"], steps_per_round=a.steps, seed=seed)
     return d
