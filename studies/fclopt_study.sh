@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 14: FCLOpt, FCLOpt+PTNU, FCLOpt+PTNU+DP (and PTNU+DP with the predictor kept on the sites) pretrained on ACDC in the FLARE simulator (the real controllers and
-# their byte accounting), each backbone exported, then the FCL study's fine-tuning protocol (5 paired seeds, 1
-# labelled patient per site, early stopping). Resumable: finished pretrainings and fine-tuning runs are skipped.
+# Issue 14: FCLOpt, FCLOpt+PTNU, FCLOpt+PTNU+DP (and PTNU+DP with the predictor kept on the sites) pretrained on
+# ACDC in the FLARE simulator (the real controllers and their byte accounting), each backbone exported, then the FCL
+# study's fine-tuning protocol (SEEDS paired seeds, default 5; 1 labelled patient per site, early stopping) for them
+# and for random init. Resumable: finished pretrainings and fine-tuning runs are skipped.
 #   R=runs/fclopt ROUNDS=40 STEPS=20 bash studies/fclopt_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,15 +23,15 @@ pretrain fclopt fclopt_pretrain
 pretrain fclopt_ptnu fclopt_ptnu_dp_pretrain --set dp_threshold=null
 pretrain fclopt_ptnu_dp fclopt_ptnu_dp_pretrain
 pretrain fclopt_ptnu_dp_lp fclopt_ptnu_dp_pretrain --set fclopt.local_predictor=true
-# random init with the same recipe, seeds and labelled patients
-# shellcheck disable=SC2086
-python3 studies/pretrain_finetune_study.py --threads 1 finetune --job finetune_seg_unet --data "$DATA" \
-  --labelled 1 --seeds $SEEDS --arms random --steps 25 --max-rounds "$FT_ROUNDS" \
-  --patience "$PATIENCE" --set model.num_classes=4 --out "$R/ft_random_l1.json"
-for name in fclopt fclopt_ptnu fclopt_ptnu_dp fclopt_ptnu_dp_lp; do
+finetune() {  # out-name study-arguments...: the FCL study's fine-tuning protocol, one labelled patient per site
+  local out=$1; shift
   # shellcheck disable=SC2086
   python3 studies/pretrain_finetune_study.py --threads 1 finetune --job finetune_seg_unet --data "$DATA" \
-    --pretrained "$R/$name.pt" --labelled 1 --seeds $SEEDS --arms pretrained --steps 25 --max-rounds "$FT_ROUNDS" \
-    --patience "$PATIENCE" --set model.num_classes=4 --out "$R/ft_${name}_l1.json"
+    --labelled 1 --seeds $SEEDS --steps 25 --max-rounds "$FT_ROUNDS" --patience "$PATIENCE" \
+    --set model.num_classes=4 "$@" --out "$R/ft_${out}_l1.json"
+}
+finetune random --arms random  # random init: the same recipe, seeds and labelled patients
+for name in fclopt fclopt_ptnu fclopt_ptnu_dp fclopt_ptnu_dp_lp; do
+  finetune "$name" --pretrained "$R/$name.pt" --arms pretrained
 done
 echo done

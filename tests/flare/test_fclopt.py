@@ -65,6 +65,11 @@ def _run(tmp_path, data, mode="ptnu", dp=None, rounds=3, skip=frozenset(), extra
     return h, handlers, checks
 
 
+def _target_downloads(h: ControllerHarness) -> list[tuple[str, int]]:
+    """(site, round) of every task the server sent with the target in it."""
+    return [(s, m.current_round) for s, _, m in h.received if any(k.startswith("target.") for k in m.params)]
+
+
 def test_structural_pairs_are_the_same_partition_of_the_next_volume():
     part, vol = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2]), torch.tensor([5, 5, 5, 7, 7, 7, 9, 9, 9])
     assert structural_pairs(part, vol).tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2]
@@ -86,7 +91,7 @@ def test_a_site_that_missed_a_round_is_resynchronised_and_agrees_again(tmp_path,
     h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=None, rounds=4, skip={("site-2", 1)})
     assert all(same for _, _, same in checks), checks
     assert ("site-2", 2, True) in checks and ("site-2", 3, True) in checks
-    got_target = [(s, m.current_round) for s, _, m in h.received if any(k.startswith("target.") for k in m.params)]
+    got_target = _target_downloads(h)
     assert got_target == [("site-2", 2)]  # the one resynchronisation, nothing else
 
 
@@ -97,7 +102,7 @@ def test_a_site_that_joins_late_is_sent_the_target_and_then_predicts_it(tmp_path
     h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=1e9, rounds=4, skip=skip)
     assert [c for c in checks if c[0] == "site-2"] == [("site-2", 2, True), ("site-2", 3, True)]
     assert all(same for _, _, same in checks), checks
-    got_target = [(s, m.current_round) for s, _, m in h.received if any(k.startswith("target.") for k in m.params)]
+    got_target = _target_downloads(h)
     # every task offered to a site absent from the previous round carries the target (the server cannot know
     # whether it will answer): round 1 (absent in 0, offered but failed) and round 2 (absent in 1, joins)
     assert got_target == [("site-2", 1), ("site-2", 2)]
@@ -109,7 +114,7 @@ def test_dp_uploads_only_above_the_threshold_and_corrections_reach_every_site(tm
     # delta = 0: every site uploads every round (a round where every site uploads); the corrected target goes to all
     h, handlers, checks = _run(tmp_path, synth_seg_data, "ptnu", dp=0.0, rounds=3)
     assert all(same for _, _, same in checks), checks
-    downs = [(s, m.current_round) for s, _, m in h.received if any(k.startswith("target.") for k in m.params)]
+    downs = _target_downloads(h)
     assert downs == [(s, r) for r in (1, 2) for s in SITES]  # after each round with uploads
     # delta huge: nobody uploads, nothing is corrected, the target never travels
     h2, _, checks2 = _run(tmp_path / "b", synth_seg_data, "ptnu", dp=1e9, rounds=3)
