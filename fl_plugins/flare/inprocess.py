@@ -19,7 +19,7 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 from fl_plugins.flare.aggregators import WeightedAverage
 
-__all__ = ["fedavg", "run_fedavg"]
+__all__ = ["fedavg", "run_fedavg", "run_stages"]
 
 
 def fedavg(results: Sequence[FLModel], aggregator: ModelAggregator | None = None,
@@ -160,3 +160,64 @@ def _exchange(handlers: Sequence[Any], g: FLModel, settings: dict[str, Any]) -> 
     sent = {n: int(payloads[n][0].nbytes + payloads[n][1].nbytes) for n in names}
     return tasks, {"round": g.current_round, "extract_seconds": extract_s, "sharing": sorted(banks),
                    "refused": refused, "bytes_received": received, "bytes_sent": sent}
+
+
+def run_stages(
+    handlers: Sequence[Any],
+    base: dict[str, np.ndarray],
+    num_stages: int,
+    aggregator: Any | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Stage-wise fine-tuning (MedUniverse) over ``StagewiseHandler`` s in one process, sites one after another.
+
+    Each stage ``s`` sends ``base`` with the meta :class:`~fl_plugins.flare.stagewise.StagewiseController` sends
+    (``stage``, ``num_stages``, ``head_shape`` = [the site's classes, the base's width], ``evaluate``), passes every
+    result through the job's :class:`~fl_plugins.flare.stage_aggregator.StageAggregator` (default: uniform, no
+    damping; its checks, then its update-norm outlier check) exactly as the controller does, and the aggregate becomes
+    the next base. The stage closes when every handler has answered (K = the number of handlers).
+
+    Returns:
+        ``{"bases": [B_0 .. B_S] (numpy, backbone keys), "stages": [{"stage", "contributors", "weights",
+        "rejected": {site: code}, "sites": {site: {"train_loss", "metrics" (the received base, own head)}}}]}``.
+    """
+    from fl_plugins.flare.stage_aggregator import StageAggregator
+    from fl_plugins.flare.stagewise import embed_dim_of
+    from fl_plugins.wire import (
+        META_CLIENT_NAME,
+        META_EVALUATE,
+        META_HEAD_SHAPE,
+        META_NUM_STAGES,
+        META_STAGE,
+    )
+
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    agg = aggregator or StageAggregator()
+    width = embed_dim_of(base)
+    bases, stages = [base], []
+    for s in range(num_stages):
+        agg.open(s, base)
+        record: dict[str, Any] = {"stage": s, "sites": {}, "rejected": {}}
+        for h in handlers:
+            meta = {META_STAGE: s, META_NUM_STAGES: num_stages, META_EVALUATE: evaluate}
+            if width is not None:
+                meta[META_HEAD_SHAPE] = [int(h.num_classes), width]
+            res = h.stage_finetune(FLModel(params=base, params_type=ParamsType.FULL, current_round=s,
+                                           total_rounds=num_stages, meta=meta))
+            name = h.site.site_name
+            res.meta = {**(res.meta or {}), META_CLIENT_NAME: name}  # what FLARE stamps on a received result
+            rejection = agg.accept(res)
+            if rejection is not None:
+                record["rejected"][name] = rejection.code
+            record["sites"][name] = {"train_loss": (res.meta or {}).get(h.LOSS_META_KEY), "metrics": res.metrics}
+        for r in agg.check_outliers():
+            record["rejected"][r.site] = r.code
+        agg.close()
+        out = agg.aggregate()
+        record["contributors"] = list(out.meta["contributors"])
+        record["weights"] = dict(out.meta["weights"])
+        base = {k: np.asarray(v) for k, v in out.params.items()}
+        bases.append(base)
+        stages.append(record)
+    return {"bases": bases, "stages": stages}

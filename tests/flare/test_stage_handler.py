@@ -180,3 +180,41 @@ def test_a_resumed_job_finds_the_head_of_its_run(multitask, base, tmp_path):
     other = handler(tmp_path / "job-c")
     other.validate(_task(base, 1, run_id="job-c"))  # another run: a fresh head
     assert other.head_stage is None
+
+
+class _Recording:
+    """A handler wrapper that keeps every result it answers (optionally spoiling one key with NaN)."""
+
+    def __init__(self, inner: StagewiseHandler, spoil: bool = False) -> None:
+        self.inner, self.spoil, self.answers = inner, spoil, []
+        self.site, self.num_classes, self.LOSS_META_KEY = inner.site, inner.num_classes, inner.LOSS_META_KEY
+
+    def stage_finetune(self, task: FLModel) -> FLModel:
+        assert task.meta[META_HEAD_SHAPE] == [self.num_classes, EMBED] and not any(k.startswith("head.")
+                                                                                    for k in task.params)
+        out = self.inner.stage_finetune(task)
+        if self.spoil:
+            k = sorted(out.params)[0]
+            out.params[k] = np.full_like(out.params[k], np.nan)
+        self.answers.append({k: v.copy() for k, v in out.params.items()})
+        return out
+
+
+def test_run_stages_in_process_averages_the_accepted_backbones_and_leaves_out_a_bad_one(multitask, base, tmp_path):
+    from fl_plugins.flare.inprocess import run_stages
+
+    hs = [_Recording(_handler(multitask[c], tmp_path / f"ws{c}", site=f"site-{c}")) for c in (2, 3, 5)]
+    hs[2].spoil = True  # site-5 answers NaN: rejected by the StageAggregator, absent from the average
+    out = run_stages(hs, base, num_stages=2)
+    assert len(out["bases"]) == 3 and [r["stage"] for r in out["stages"]] == [0, 1]
+    for s, rec in enumerate(out["stages"]):
+        assert rec["contributors"] == ["site-2", "site-3"] and rec["rejected"] == {"site-5": "non_finite"}
+        assert rec["weights"] == {"site-2": 0.5, "site-3": 0.5}
+        want = {k: (hs[0].answers[s][k].astype(np.float64) + hs[1].answers[s][k]) / 2 for k in base}
+        got = out["bases"][s + 1]
+        assert set(got) == set(base)
+        for k in base:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(out["bases"][2]["backbone.cls_token"], base["backbone.cls_token"])
+    with pytest.raises(ValueError, match="num_stages"):
+        run_stages(hs, base, num_stages=0)
