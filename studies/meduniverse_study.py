@@ -156,7 +156,7 @@ def _digest(params: dict[str, np.ndarray]) -> str:
 def probe(a: argparse.Namespace, base: dict[str, np.ndarray], datalist: Path, seed: int) -> dict[str, Any]:
     """Fine-tune ``base`` + a fresh head on the datalist's labelled items with early stopping on validation AUC;
     the best model's test metrics (module docstring)."""
-    from fl_plugins.data import build_dataset, build_split_datasets, labelled_entries, load_datalist
+    from fl_plugins.data import build_split_datasets, labelled_entries, load_datalist
     from fl_plugins.engine.finetune import FinetuneConfig
     from fl_plugins.engine.stagewise import StageTrainer
     from fl_plugins.flare.handler import to_torch
@@ -165,7 +165,7 @@ def probe(a: argparse.Namespace, base: dict[str, np.ndarray], datalist: Path, se
     dl = load_datalist(datalist)
     train_ds, val_ds = build_split_datasets(dl, labelled_entries(dl["training"]), dl["validation"],
                                             image_size=IMAGE_SIZE)
-    test_ds = build_dataset(dl, dl["test"], image_size=IMAGE_SIZE, with_labels=True)
+    test_ds = _test_set(datalist)
     t = trainer_cfg(a, seed)
     t.pop("steps_per_stage")
     cfg = FinetuneConfig.from_dict({**t, "seed": site_seed(seed, datalist.parent.name) + 1, "task": "classification",
@@ -191,7 +191,16 @@ def probe(a: argparse.Namespace, base: dict[str, np.ndarray], datalist: Path, se
             "n_test": len(test_ds)}
 
 
+def _test_set(datalist: Path) -> Any:
+    from fl_plugins.data import build_dataset, load_datalist
+
+    dl = load_datalist(datalist)
+    return build_dataset(dl, dl["test"], image_size=IMAGE_SIZE, with_labels=True)
+
+
 def run(a: argparse.Namespace) -> int:
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
     from fl_plugins.engine.stagewise import build_base_backbone
     from fl_plugins.flare.handler import SiteContext, to_numpy
     from fl_plugins.flare.inprocess import run_stages
@@ -219,13 +228,33 @@ def run(a: argparse.Namespace) -> int:
     base0 = to_numpy(base0.state_dict())
     print(f"[{time.perf_counter() - t0:6.0f}s] arm {a.arm} seed {a.seed}: sites {[h.site.site_name for h in handlers]}"
           f" (held out: {a.hold_out}); labelled {[h.num_train_items for h in handlers]}", flush=True)
-    st = run_stages(handlers, base0, a.stages) if a.stages else {"bases": [base0], "stages": []}
+    tests = {h.site.site_name: _test_set(Path(h.datalist)) for h in handlers}
+    task_models: dict[str, dict[str, Any]] = {}
+
+    def local_model(h: Any, s: int) -> None:  # the site's own fine-tuned backbone + head, after stage s
+        task_models.setdefault(str(s + 1), {}).setdefault(h.site.site_name, {})["local_test"] = \
+            h.trainer.evaluate(tests[h.site.site_name])
+
+    def base_and_head(s: int, base: dict[str, np.ndarray]) -> None:  # the next base + each site's head
+        for h in handlers:
+            h.load_global(FLModel(params=base, params_type=ParamsType.FULL, current_round=s + 1))
+            m = task_models[str(s + 1)][h.site.site_name]
+            m["test"], m["val"] = h.trainer.evaluate(tests[h.site.site_name]), h.trainer.evaluate()
+            print(f"[{time.perf_counter() - t0:6.0f}s] after stage {s}: {h.site.site_name} base {s + 1} + own head: "
+                  f"test acc {m['test']['accuracy']:.3f} bal {m['test']['balanced_accuracy']:.3f} auc "
+                  f"{m['test']['auc']:.3f} (local model: acc {m['local_test']['accuracy']:.3f})", flush=True)
+
+    st = (run_stages(handlers, base0, a.stages, on_result=local_model, on_stage=base_and_head) if a.stages
+          else {"bases": [base0], "stages": []})
     print(f"[{time.perf_counter() - t0:6.0f}s] {a.stages} stages done; losses "
           f"{[{k: round(v['train_loss'], 3) for k, v in r['sites'].items()} for r in st['stages']]}", flush=True)
     record = {"arm": a.arm, "seed": a.seed, "hold_out": a.hold_out, "labelled": chosen if a.labelled else "all",
               "settings": {k: v for k, v in vars(a).items() if k != "func"},
-              "stages": [{k: v for k, v in r.items()} for r in st["stages"]], "probes": cache, "scores": {}}
+              "stages": st["stages"], "task_models": task_models, "probes": cache, "scores": {}}
+    atomic_write_json(record, out, indent=1)
     for b, base in enumerate(st["bases"]):
+        if a.probe_bases is not None and b not in a.probe_bases:
+            continue
         d = _digest(base)
         for p in dls:
             if a.probe_sites and p.parent.name not in a.probe_sites:
@@ -246,34 +275,78 @@ def run(a: argparse.Namespace) -> int:
 # -- tables --------------------------------------------------------------------------------------------------------
 
 
+def _cell(values: list[float], diffs: list[float] | None = None) -> str:
+    """``mean (sd)`` [+ `` [paired mean, 95 % CI]``] of per-seed values."""
+    if not values:
+        return "-"
+    c = f"{np.mean(values):.3f} ({np.std(values, ddof=1) if len(values) > 1 else 0:.3f})"
+    ci = t_ci(diffs or [])
+    if ci.get("n", 0) >= 2:
+        c += f" [{ci['mean']:+.3f}, {ci['ci95'][0]:+.3f}..{ci['ci95'][1]:+.3f}]"
+    return c
+
+
+def _paired(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> list[float]:
+    return [a_by_seed[s] - b_by_seed[s] for s in sorted(set(a_by_seed) & set(b_by_seed))]
+
+
 def table(a: argparse.Namespace) -> int:
+    """Three Markdown tables (test ``--metric``, mean (sd) over seeds, [paired difference, 95 % CI]):
+    1. every task fine-tuned to convergence from base 0: random init vs the MIM base;
+    2. stage-wise: each task's model (the stage's aggregate + the site's own head) after every stage, MIM base vs
+       random base, and the site's own fine-tuned model before averaging;
+    3. leave-one-task-out: the held-out task fine-tuned from every base, against base 0."""
     recs = [json.loads(Path(f).read_text()) for f in a.inputs]
-    metric = a.metric
-    lines = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in recs:
-        groups.setdefault((r["arm"], r["hold_out"]), []).append(r)
-    ref = {r["seed"]: r["scores"]["0"] for r in recs if r["arm"] == "random" and not r["hold_out"]}
-    for (arm, hold), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] or "", kv[0][0])):
-        sites = sorted({s for r in rs for b in r["scores"].values() for s in b})
-        nb = max(len(r["scores"]) for r in rs)
-        lines.append(f"\n**arm {arm}{', ' + hold + ' held out' if hold else ''}** ({len(rs)} seeds: "
-                     f"{sorted(r['seed'] for r in rs)}), test {metric}: mean (sd); [paired difference to random "
-                     "init, 95 % CI]\n")
-        lines.append("| task | " + " | ".join(f"base {b}" for b in range(nb)) + " |")
-        lines.append("|---|" + "---|" * nb)
+    m = a.metric
+    main = {arm: {r["seed"]: r for r in recs if r["arm"] == arm and not r["hold_out"]} for arm in ARMS}
+    sites = sorted({s for r in recs for b in r["scores"].values() for s in b} | {s for r in recs for st in
+                   r.get("task_models", {}).values() for s in st})
+    name = {s: f"{s} {TASKS.get(s, ('?',))[0]}" for s in sites}
+
+    def probe_of(r: dict, b: int, s: str) -> float | None:
+        v = r["scores"].get(str(b), {}).get(s)
+        return None if v is None else float(v["test"][m])
+
+    lines = [f"**1. Fine-tuned to convergence from base 0** (test {m}; paired difference MIM - random)\n",
+             "| task | random init | MIM base [paired difference, 95 % CI] |", "|---|---|---|"]
+    for s in sites:
+        vals = {arm: {k: probe_of(r, 0, s) for k, r in main[arm].items() if probe_of(r, 0, s) is not None}
+                for arm in ARMS}
+        lines.append(f"| {name[s]} | {_cell(list(vals['random'].values()))} | "
+                     f"{_cell(list(vals['mim'].values()), _paired(vals['mim'], vals['random']))} |")
+    nst = max([len(r.get("task_models", {})) for r in recs] + [0])
+    if nst:
+        lines += [f"\n**2. Stage-wise: the stage's aggregate + the site's own head** (test {m}; per cell MIM base / "
+                  "random base [paired difference MIM - random]; in brackets below: the site's own fine-tuned model "
+                  "before averaging)\n", "| task | " + " | ".join(f"after stage {k}" for k in range(nst)) + " |",
+                  "|---|" + "---|" * nst]
         for s in sites:
-            cells = []
-            for b in range(nb):
-                v = [r["scores"][str(b)][s]["test"][metric] for r in rs if s in r["scores"].get(str(b), {})]
-                diffs = [r["scores"][str(b)][s]["test"][metric] - ref[r["seed"]][s]["test"][metric] for r in rs
-                         if s in r["scores"].get(str(b), {}) and r["seed"] in ref and s in ref[r["seed"]]]
-                c = f"{np.mean(v):.3f} ({np.std(v, ddof=1) if len(v) > 1 else 0:.3f})" if v else "-"
-                ci = t_ci(diffs)
-                if ci.get("n", 0) >= 2 and not (arm == "random" and b == 0):
-                    c += f" [{ci['mean']:+.3f}, {ci['ci95'][0]:+.3f}..{ci['ci95'][1]:+.3f}]"
-                cells.append(c)
-            lines.append(f"| {s} {TASKS.get(s, ('?',))[0]} | " + " | ".join(cells) + " |")
+            cells, local = [], []
+            for k in range(1, nst + 1):
+                got = {arm: {sd: float(r["task_models"][str(k)][s]["test"][m]) for sd, r in main[arm].items()
+                             if s in r.get("task_models", {}).get(str(k), {})} for arm in ARMS}
+                loc = {arm: [float(r["task_models"][str(k)][s]["local_test"][m]) for r in main[arm].values()
+                             if s in r.get("task_models", {}).get(str(k), {})] for arm in ARMS}
+                cells.append(f"{_cell(list(got['mim'].values()))} / {_cell(list(got['random'].values()))}"
+                             + (f" [{np.mean(_paired(got['mim'], got['random'])):+.3f}]"
+                                if _paired(got['mim'], got['random']) else ""))
+                local.append(" / ".join(f"{np.mean(loc[arm]):.3f}" if loc[arm] else "-" for arm in ARMS))
+            lines.append(f"| {name[s]} | " + " | ".join(cells) + " |")
+            lines.append("| (own model) | " + " | ".join(f"({c})" for c in local) + " |")
+    loto = [r for r in recs if r["hold_out"]]
+    for hold in sorted({r["hold_out"] for r in loto}):
+        rs = [r for r in loto if r["hold_out"] == hold]
+        nb = max(len(r["scores"]) for r in rs)
+        lines += [f"\n**3. Leave-one-task-out: {name.get(hold, hold)} never takes part** ({len(rs)} seeds), "
+                  f"fine-tuned to convergence from each base (test {m}; [paired difference to base 0, 95 % CI])\n",
+                  "| base 0 (MIM) | " + " | ".join(f"after stage {b - 1}" for b in range(1, nb)) + " |",
+                  "|---|" + "---|" * (nb - 1)]
+        b0 = {r["seed"]: probe_of(r, 0, hold) for r in rs}
+        cells = [_cell(list(b0.values()))]
+        for b in range(1, nb):
+            vb = {r["seed"]: probe_of(r, b, hold) for r in rs if probe_of(r, b, hold) is not None}
+            cells.append(_cell(list(vb.values()), _paired(vb, b0)))
+        lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return 0
 
@@ -296,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--steps-per-stage", type=int, default=50)
     pr.add_argument("--hold-out", help="a site that never takes part (leave-one-task-out); still scored")
     pr.add_argument("--probe-sites", nargs="*", help="score only these sites (default: every site)")
+    pr.add_argument("--probe-bases", type=int, nargs="*", help="score only these bases (default: every base)")
     pr.add_argument("--probe-every", type=int, default=25)
     pr.add_argument("--probe-patience", type=int, default=3)
     pr.add_argument("--probe-max-steps", type=int, default=300)

@@ -10,7 +10,7 @@ does with ``WeightedAggregationHelper``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,8 @@ def run_stages(
     num_stages: int,
     aggregator: Any | None = None,
     evaluate: bool = True,
+    on_result: Callable[[Any, int], None] | None = None,
+    on_stage: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, Any]:
     """Stage-wise fine-tuning (MedUniverse) over ``StagewiseHandler`` s in one process, sites one after another.
 
@@ -176,6 +178,9 @@ def run_stages(
     result through the job's :class:`~fl_plugins.flare.stage_aggregator.StageAggregator` (default: uniform, no
     damping; its checks, then its update-norm outlier check) exactly as the controller does, and the aggregate becomes
     the next base. The stage closes when every handler has answered (K = the number of handlers).
+
+    Hooks for studies: ``on_result(handler, s)`` right after a site's answer (its model = its fine-tuned backbone +
+    head), ``on_stage(s, next_base)`` after the stage's aggregate (before the next stage changes any head).
 
     Returns:
         ``{"bases": [B_0 .. B_S] (numpy, backbone keys), "stages": [{"stage", "contributors", "weights",
@@ -210,6 +215,8 @@ def run_stages(
             rejection = agg.accept(res)
             if rejection is not None:
                 record["rejected"][name] = rejection.code
+            if on_result is not None:
+                on_result(h, s)
             record["sites"][name] = {"train_loss": (res.meta or {}).get(h.LOSS_META_KEY), "metrics": res.metrics}
         for r in agg.check_outliers():
             record["rejected"][r.site] = r.code
@@ -220,4 +227,6 @@ def run_stages(
         base = {k: np.asarray(v) for k, v in out.params.items()}
         bases.append(base)
         stages.append(record)
+        if on_stage is not None:
+            on_stage(s, base)
     return {"bases": bases, "stages": stages}

@@ -205,7 +205,11 @@ def test_run_stages_in_process_averages_the_accepted_backbones_and_leaves_out_a_
 
     hs = [_Recording(_handler(multitask[c], tmp_path / f"ws{c}", site=f"site-{c}")) for c in (2, 3, 5)]
     hs[2].spoil = True  # site-5 answers NaN: rejected by the StageAggregator, absent from the average
-    out = run_stages(hs, base, num_stages=2)
+    seen, staged = [], []
+    out = run_stages(hs, base, num_stages=2, on_result=lambda h, s: seen.append((h.site.site_name, s)),
+                     on_stage=lambda s, b: staged.append((s, b)))
+    assert seen == [(f"site-{c}", s) for s in (0, 1) for c in (2, 3, 5)]
+    assert [s for s, _ in staged] == [0, 1] and all(b is out["bases"][s + 1] for s, b in staged)
     assert len(out["bases"]) == 3 and [r["stage"] for r in out["stages"]] == [0, 1]
     for s, rec in enumerate(out["stages"]):
         assert rec["contributors"] == ["site-2", "site-3"] and rec["rejected"] == {"site-5": "non_finite"}
