@@ -318,7 +318,7 @@ def table(a: argparse.Namespace) -> int:
     if nst:
         lines += [f"\n**2. Stage-wise: the stage's aggregate + the site's own head** (test {m}; per cell MIM base / "
                   "random base [paired difference MIM - random]; in brackets below: the site's own fine-tuned model "
-                  "before averaging)\n", "| task | " + " | ".join(f"after stage {k}" for k in range(nst)) + " |",
+                  "before averaging)\n", "| task | " + " | ".join(f"base {k + 1} (after stage {k})" for k in range(nst)) + " |",
                   "|---|" + "---|" * nst]
         for s in sites:
             cells, local = [], []
@@ -339,7 +339,7 @@ def table(a: argparse.Namespace) -> int:
         nb = max(len(r["scores"]) for r in rs)
         lines += [f"\n**3. Leave-one-task-out: {name.get(hold, hold)} never takes part** ({len(rs)} seeds), "
                   f"fine-tuned to convergence from each base (test {m}; [paired difference to base 0, 95 % CI])\n",
-                  "| base 0 (MIM) | " + " | ".join(f"after stage {b - 1}" for b in range(1, nb)) + " |",
+                  "| base 0 (MIM) | " + " | ".join(f"base {b} (after stage {b - 1})" for b in range(1, nb)) + " |",
                   "|---|" + "---|" * (nb - 1)]
         b0 = {r["seed"]: probe_of(r, 0, hold) for r in rs}
         cells = [_cell(list(b0.values()))]
