@@ -184,6 +184,9 @@ def probe(a: argparse.Namespace, base: dict[str, np.ndarray], datalist: Path, se
             best, best_state, best_step, since = score, copy.deepcopy(tr.model.state_dict()), step, 0
         else:
             since += 1
+    if best_state is None:
+        raise SystemExit(f"{datalist}: validation {KEY} was never finite ({curve}): does the validation split "
+                         "hold every class?")
     tr.model.load_state_dict(best_state)
     test = tr.evaluate(test_ds)
     return {"test": {k: float(v) for k, v in test.items()}, "best_val_auc": best, "best_step": best_step,
