@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dino_finetune_study import install_dataset_cache, t_ci  # noqa: E402
 from pretrain_finetune_study import labelled_datalists  # noqa: E402
 
-from fl_plugins.atomic_io import atomic_write_json  # noqa: E402
+from fl_plugins.atomic_io import atomic_write, atomic_write_json  # noqa: E402
 
 MEDMNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "medmnist"
 #: site -> (task, source file name); acdc_position.npz is written by ``prepare``
@@ -101,10 +101,7 @@ def acdc_position_npz(dataset_json: Path, out: Path, side: int = 64) -> dict[str
         arrays[f"{split}_images"] = np.stack(imgs)
         arrays[f"{split}_labels"] = np.asarray(labs, dtype=np.int64)[:, None]
         counts[split] = np.bincount(labs, minlength=3).tolist()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)
+    atomic_write(lambda f: np.savez_compressed(f, **arrays), out)
     return counts
 
 

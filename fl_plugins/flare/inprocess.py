@@ -173,8 +173,8 @@ def run_stages(
 ) -> dict[str, Any]:
     """Stage-wise fine-tuning (MedUniverse) over ``StagewiseHandler`` s in one process, sites one after another.
 
-    Each stage ``s`` sends ``base`` with the meta :class:`~fl_plugins.flare.stagewise.StagewiseController` sends
-    (``stage``, ``num_stages``, ``head_shape`` = [the site's classes, the base's width], ``evaluate``), passes every
+    Each stage ``s`` sends every handler the task :class:`~fl_plugins.flare.stagewise.StagewiseController` sends
+    (:func:`~fl_plugins.flare.stagewise.stage_task`; no run id), passes every
     result through the job's :class:`~fl_plugins.flare.stage_aggregator.StageAggregator` (default: uniform, no
     damping; its checks, then its update-norm outlier check) exactly as the controller does, and the aggregate becomes
     the next base. The stage closes when every handler has answered (K = the number of handlers).
@@ -187,14 +187,8 @@ def run_stages(
         "rejected": {site: code}, "sites": {site: {"train_loss", "metrics" (the received base, own head)}}}]}``.
     """
     from fl_plugins.flare.stage_aggregator import StageAggregator
-    from fl_plugins.flare.stagewise import embed_dim_of
-    from fl_plugins.wire import (
-        META_CLIENT_NAME,
-        META_EVALUATE,
-        META_HEAD_SHAPE,
-        META_NUM_STAGES,
-        META_STAGE,
-    )
+    from fl_plugins.flare.stagewise import embed_dim_of, stage_task
+    from fl_plugins.wire import META_CLIENT_NAME
 
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
@@ -205,11 +199,7 @@ def run_stages(
         agg.open(s, base)
         record: dict[str, Any] = {"stage": s, "sites": {}, "rejected": {}}
         for h in handlers:
-            meta = {META_STAGE: s, META_NUM_STAGES: num_stages, META_EVALUATE: evaluate}
-            if width is not None:
-                meta[META_HEAD_SHAPE] = [int(h.num_classes), width]
-            res = h.stage_finetune(FLModel(params=base, params_type=ParamsType.FULL, current_round=s,
-                                           total_rounds=num_stages, meta=meta))
+            res = h.stage_finetune(stage_task(base, s, num_stages, h.num_classes, width, evaluate))
             name = h.site.site_name
             res.meta = {**(res.meta or {}), META_CLIENT_NAME: name}  # what FLARE stamps on a received result
             rejection = agg.accept(res)

@@ -96,7 +96,7 @@ from fl_plugins.wire import (
     TASK_VALIDATE,
 )
 
-__all__ = ["SCHEDULES", "StageBasePersistor", "StagewiseController", "embed_dim_of", "report_problem"]
+__all__ = ["SCHEDULES", "StageBasePersistor", "StagewiseController", "embed_dim_of", "report_problem", "stage_task"]
 
 #: how a stage's sites are asked
 SCHEDULES = ("parallel", "sequential")
@@ -133,6 +133,17 @@ def embed_dim_of(base: dict[str, Any]) -> int | None:
         if key in base:
             return int(np.asarray(base[key]).shape[-1])
     return None
+
+
+def stage_task(base: dict[str, Any], stage: int, num_stages: int, num_classes: int, embed_dim: int | None,
+               evaluate: bool, run_id: Any = None) -> FLModel:
+    """The ``stage_finetune`` task of one site: the base (backbone keys, FULL), ``current_round`` = the stage, and
+    ``meta`` ``{stage, num_stages, evaluate, run_id[, head_shape = [num_classes, embed_dim]]}``."""
+    meta: dict[str, Any] = {META_STAGE: stage, META_NUM_STAGES: num_stages, META_EVALUATE: evaluate,
+                            META_RUN_ID: run_id}
+    if embed_dim is not None:
+        meta[META_HEAD_SHAPE] = [int(num_classes), int(embed_dim)]
+    return FLModel(params=base, params_type=ParamsType.FULL, current_round=stage, total_rounds=num_stages, meta=meta)
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -399,12 +410,8 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
         return eligible
 
     def _ask(self, site: str, s: int, base: dict[str, np.ndarray]) -> None:
-        meta: dict[str, Any] = {META_STAGE: s, META_NUM_STAGES: self.num_stages,
-                                META_EVALUATE: not (self.validate_every_stage and s > 0), META_RUN_ID: self.run_id}
-        if self.embed_dim is not None:
-            meta[META_HEAD_SHAPE] = [int(self.tasks[site][META_NUM_CLASSES]), int(self.embed_dim)]
-        data = FLModel(params=base, params_type=ParamsType.FULL, current_round=s, total_rounds=self.num_stages,
-                       meta=meta)
+        data = stage_task(base, s, self.num_stages, int(self.tasks[site][META_NUM_CLASSES]), self.embed_dim,
+                          evaluate=not (self.validate_every_stage and s > 0), run_id=self.run_id)
         self._capture = []
         try:
             self.send_model(task_name=TASK_STAGE_FINETUNE, data=data, targets=[site], timeout=self.stage_timeout,
