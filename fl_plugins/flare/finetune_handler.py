@@ -16,10 +16,13 @@ Tasks: ``train`` (validate the received global model on the site's validation sp
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_plugins.flare.data_check import finetune_data_problems
 from fl_plugins.flare.handler import MethodHandler, SiteContext
+
+if TYPE_CHECKING:
+    from fl_plugins.engine.finetune import FinetuneConfig
 
 __all__ = ["FinetuneHandler", "select_labelled"]
 
@@ -46,6 +49,30 @@ def select_labelled(entries: list[dict], num_labelled_patients: int | None) -> l
     return [e for e in labelled if str(e.get("patient", e.get("image", e.get("index")))) in keep]
 
 
+def finetune_config(model: dict[str, Any], trainer: dict[str, Any], total_rounds: int) -> FinetuneConfig:
+    """The site's :class:`FinetuneConfig` from a fine-tuning job's ``model`` and ``trainer`` settings (the job
+    builder calls it too, so a bad setting fails when the job is built, not on the sites).
+
+    ``total_steps`` defaults to ``steps_per_round x total_rounds`` (the schedule's horizon); a pretrained backbone
+    is not loaded on the sites unless it is frozen (see the comment below).
+
+    Raises:
+        ValueError: a setting FinetuneConfig rejects (the message names it and the value).
+    """
+    from fl_plugins.engine.finetune import FinetuneConfig
+
+    cfg = dict(trainer)
+    cfg.setdefault("total_steps", int(cfg.get("steps_per_round", 1)) * max(1, int(total_rounds)))
+    model = dict(model)
+    if model.get("pretrained") and not model.get("freeze_backbone", False):
+        # The server's persistor loads the pretrained backbone into the initial global model and round 0
+        # overwrites every site's weights with it, so sites need not have the file. A frozen backbone never
+        # crosses the wire: then each site loads it from the same path (see docs).
+        model["pretrained"] = None
+    cfg["model"] = model
+    return FinetuneConfig.from_dict(cfg)
+
+
 class FinetuneHandler(MethodHandler):
     """Pure task logic; built once per job on a site (FLModel in, FLModel out)."""
 
@@ -59,19 +86,11 @@ class FinetuneHandler(MethodHandler):
         total_rounds: int = 1,
     ) -> None:
         from fl_plugins.data import build_split_datasets, load_datalist, validate_datalist
-        from fl_plugins.engine.finetune import FinetuneConfig, FinetuneTrainer
+        from fl_plugins.engine.finetune import FinetuneTrainer
 
         self.site = site
-        cfg = dict(trainer)
-        cfg.setdefault("total_steps", int(cfg.get("steps_per_round", 1)) * max(1, int(total_rounds)))
-        model = dict(model)
-        if model.get("pretrained") and not model.get("freeze_backbone", False):
-            # The server's persistor loads the pretrained backbone into the initial global model and round 0
-            # overwrites every site's weights with it, so sites need not have the file. A frozen backbone never
-            # crosses the wire: then each site loads it from the same path (see docs).
-            model["pretrained"] = None
-        cfg["model"] = model
-        self.config = FinetuneConfig.from_dict(cfg)
+        self.config = finetune_config(model, trainer, total_rounds)
+        model = self.config.model
         dl = load_datalist(site.datalist_path)
         validate_datalist(dl, sections=("training", "validation"), deep=True)
         problems = finetune_data_problems(self.config.task, model, dl)  # the same checks as check-data --job

@@ -24,6 +24,7 @@ from nvflare.job_config.api import FedJob
 
 from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
 from fl_plugins.flare.controllers import DEFAULT_MEMORY_GC_ROUNDS, DEFAULT_ROUND_TIMEOUT
+from fl_plugins.flare.finetune_handler import finetune_config
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.flare.update_check import DEFAULT_NORM_BOUND, check_norm_bound
 from fl_plugins.methods.dino_config import DINOConfig
@@ -282,6 +283,7 @@ def _finetune_builder(name: str, s: dict[str, Any]) -> FedJob:
     fl = FLSettings(**s["fl"])
     model_cfg = s["model"]
     trainer = {**s["trainer"], "seed": fl.seed}  # the job's seed: data order, augmentation, dropout per round
+    finetune_config(model_cfg, trainer, fl.num_rounds)  # a bad trainer setting fails here, not on the sites
     args = {"model": model_cfg, "trainer": trainer, "image_size": s["image_size"],
             "num_labelled_patients": s["num_labelled_patients"], "total_rounds": fl.num_rounds}
     return build_fedavg_job(name, "finetune", args, fl, model_config=model_cfg, exclude_vars=_non_federated(model_cfg))
@@ -299,6 +301,21 @@ def _non_federated(model_cfg: dict[str, Any]) -> str:
 
 
 _UNET_SETTINGS = dict(UNET_DEFAULTS)  # build_unet keyword defaults: the settable U-Net keys of finetune_seg_unet
+
+
+def _finetune_trainer_fields() -> dict[str, Any]:
+    """The optimisation settings of :class:`~fl_plugins.engine.finetune.FinetuneConfig` a fine-tuning job may set
+    under ``trainer`` beside its defaults (e.g. ``--set trainer.warmup_steps=60``), with the dataclass defaults;
+    ``total_steps`` (rounds x steps), ``seed`` (``fl.seed``), ``model`` and ``device`` are set by the job."""
+    import dataclasses
+
+    from fl_plugins.engine.finetune import FinetuneConfig
+
+    keep = ("min_lr_ratio", "warmup_steps", "weight_decay", "optimizer", "grad_clip", "aug_flip", "aug_rot90")
+    return {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name in keep}
+
+
+_FT_TRAINER = _finetune_trainer_fields()
 _SEG_TRAINER = {"lr": 1e-3, "batch_size": 8, "steps_per_round": 10}  # CPU quickstart size; raise for real runs
 _VIT = {"name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "in_chans": 1, "depth": 6}
 
@@ -317,7 +334,8 @@ JOBS: dict[str, JobSpec] = {
         builder=_finetune_builder,
         # model.pretrained: a unet_inpaint_pretrain export (flssl export-backbone), every tensor but the output
         # block loads; the U-Net settings can be set (they must equal the pretraining job's unet_inpaint.unet)
-        open_keys={"model": {"pretrained": None, **{k: v for k, v in _UNET_SETTINGS.items() if k != "num_classes"}}},
+        open_keys={"model": {"pretrained": None, **{k: v for k, v in _UNET_SETTINGS.items() if k != "num_classes"}},
+                   "trainer": _FT_TRAINER},
     ),
     "finetune_seg_vit": JobSpec(
         name="finetune_seg_vit",
@@ -331,6 +349,7 @@ JOBS: dict[str, JobSpec] = {
             "num_labelled_patients": None,
         },
         builder=_finetune_builder,
+        open_keys={"trainer": _FT_TRAINER},
     ),
     "finetune_cls": JobSpec(
         name="finetune_cls",
@@ -352,7 +371,7 @@ JOBS: dict[str, JobSpec] = {
         },
         builder=_finetune_builder,
         # volumes: --set model.spatial_dims=3 (the 2D ViT over model.num_slices evenly spaced slices, default 8)
-        open_keys={"model": {"spatial_dims": 2, "num_slices": 8}},
+        open_keys={"model": {"spatial_dims": 2, "num_slices": 8}, "trainer": _FT_TRAINER},
     ),
     "finetune_cls_cnn": JobSpec(
         name="finetune_cls_cnn",
@@ -368,6 +387,7 @@ JOBS: dict[str, JobSpec] = {
             "num_labelled_patients": None,
         },
         builder=_finetune_builder,
+        open_keys={"trainer": _FT_TRAINER},
     ),
 }
 

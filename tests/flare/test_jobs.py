@@ -269,3 +269,37 @@ def test_finetune_seg_unet_takes_a_pretrained_unet_and_its_settings():
                           "strides": [2, 2]}
     with pytest.raises(ValueError, match=r"unknown job setting 'model\.backbone'"):
         job_settings("finetune_seg_unet", {"model": {"backbone": {}}})
+
+
+def _client_handler_args(job) -> dict:
+    """The fine-tuning handler's arguments as exported in the client config."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        job.export_job(d)
+        cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
+    (exe,) = [e["executor"] for e in cfg["executors"]]
+    assert exe["args"]["handler"] == "finetune"
+    return exe["args"]["handler_args"]
+
+
+@pytest.mark.parametrize("name", ["finetune_cls", "finetune_cls_cnn", "finetune_seg_unet", "finetune_seg_vit"])
+def test_finetune_optimisation_settings_reach_the_executor(name):
+    """``--set trainer.warmup_steps=...`` etc. (FinetuneConfig fields beside the job's defaults) reach the sites."""
+    args = _client_handler_args(build_job(name, {"trainer": {"warmup_steps": 4, "weight_decay": 0.05,
+                                                             "grad_clip": 1.0, "aug_rot90": False}}))
+    assert {k: args["trainer"][k] for k in ("warmup_steps", "weight_decay", "grad_clip", "aug_rot90")} == {
+        "warmup_steps": 4, "weight_decay": 0.05, "grad_clip": 1.0, "aug_rot90": False}
+    assert "warmup_steps" not in _client_handler_args(build_job(name))["trainer"]  # the dataclass default applies
+
+
+@pytest.mark.parametrize(("trainer", "match"), [
+    ({"warmup_steps": "x"}, r"job setting 'trainer\.warmup_steps' expects an integer, got 'x'"),
+    ({"warmup_steps": -1}, r"fine-tuning setting 'warmup_steps'=-1: must be >= 0"),
+    ({"warmup_steps": 500}, r"'total_steps'=20: must be >= max\(1, warmup_steps=500\)"),  # 2 rounds x 10 steps
+    ({"optimizer": "adamx"}, r"fine-tuning setting 'optimizer'='adamx'"),
+    ({"total_steps": 9}, r"unknown job setting 'trainer\.total_steps'"),
+])
+def test_bad_finetune_trainer_settings_fail_when_the_job_is_built(trainer, match):
+    with pytest.raises(ValueError, match=match):
+        build_job("finetune_cls", {"trainer": trainer})
