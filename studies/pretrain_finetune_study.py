@@ -188,7 +188,12 @@ def run_arm(a: argparse.Namespace, arm: str, seed: int, datalists: list[Path]) -
 
     def train_and_test(group: list[Any]) -> dict[str, Any]:
         """FedAvg over ``group`` (one site: local training) with early stopping; the best model on every test split."""
-        res = run_fedavg(group, init, rounds=a.max_rounds, key_metric=key, patience=a.patience)
+        def progress(r: int, metrics: list[dict[str, Any]], score: float) -> None:
+            loss = np.mean([m["train_loss"] for m in metrics if "train_loss" in m] or [np.nan])
+            print(f"[{time.perf_counter() - t0:7.1f}s]   round {r + 1}/{a.max_rounds}: {key} {score:.4f} (of the model "
+                  f"received), train loss {loss:.4f}", flush=True)
+
+        res = run_fedavg(group, init, rounds=a.max_rounds, key_metric=key, patience=a.patience, on_round=progress)
         ev = evaluate_sites(eval_cfg, res["best"]["params"], datalists, split="test", image_size=int(d["image_size"]))
         curve = [float(np.mean([m[key] for m in rnd if key in m])) for rnd in res["rounds"]]
         curve.append(float(np.mean([m[key] for m in res["final"] if key in m])))

@@ -52,6 +52,7 @@ def run_fedavg(
     key_metric: str | None = None,
     patience: int | None = None,
     exchange: dict[str, Any] | None = None,
+    on_round: Callable[[int, list[dict[str, Any]], float], None] | None = None,
 ) -> dict[str, Any]:
     """Run up to ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
 
@@ -65,6 +66,9 @@ def run_fedavg(
     carries the other sites' features in ``meta``, exactly as :class:`~fl_plugins.flare.fcl_controller.FCLController`
     does (its :func:`~fl_plugins.flare.fcl_controller.check_features` and ``remote_payloads``). The round's exchange
     record (seconds, bytes, sites sharing) is in ``out["exchange"]``.
+
+    ``on_round(r, site_metrics, score)`` is called after every round (progress output; ``score`` is the round's
+    ``key_metric`` score, NaN without one).
 
     Returns:
         ``{"params": final global params, "rounds": [[site metrics...] per round], "final": [site metrics],
@@ -104,12 +108,14 @@ def run_fedavg(
             for i in range(len(handlers)):
                 run(i)
         history.append([res.metrics for res in results])
+        sc = score(history[-1]) if key_metric is not None else float("nan")
         if key_metric is not None:
-            sc = score(history[-1])
             if sc > best["score"]:
                 best, since_best = {"round": r, "score": sc, "params": params}, 0
             else:
                 since_best += 1
+        if on_round is not None:
+            on_round(r, history[-1], sc)
         params = fedavg(results, aggregator, global_model=g)
         if patience is not None and since_best >= patience:
             break
