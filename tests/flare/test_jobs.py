@@ -177,15 +177,20 @@ def test_sim_workspace_allow_list_and_site_config(tmp_path):
     assert site == {"datalist": "/data/{site}/datalist.json"}
 
 
-def _client_dino(job, arg: str = "dino") -> dict:
-    """The DINO handler's ``dino`` (or other) argument as exported in the client config."""
+def _handler_args(job, handler: str) -> dict:
+    """The ``handler_args`` of the job's one executor running ``handler``, as exported in the client config."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         job.export_job(d)
         cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
-    (exe,) = [e["executor"] for e in cfg["executors"] if e["executor"]["args"]["handler"] == "dino"]
-    return exe["args"]["handler_args"][arg]
+    (exe,) = [e["executor"] for e in cfg["executors"] if e["executor"]["args"]["handler"] == handler]
+    return exe["args"]["handler_args"]
+
+
+def _client_dino(job, arg: str = "dino") -> dict:
+    """The DINO handler's ``dino`` (or other) argument as exported in the client config."""
+    return _handler_args(job, "dino")[arg]
 
 
 @pytest.mark.parametrize(("name", "key", "value"), [
@@ -236,14 +241,7 @@ def test_bad_view_settings_are_named_when_the_job_is_built(views, match):
 
 def _client_ssl(job) -> dict:
     """The generic SSL handler's arguments as exported in the client config."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        job.export_job(d)
-        cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
-    (exe,) = [e["executor"] for e in cfg["executors"]]
-    assert exe["args"]["handler"] == "ssl"
-    return exe["args"]["handler_args"]
+    return _handler_args(job, "ssl")
 
 
 def test_unet_inpaint_settings_reach_the_executor_and_bad_ones_are_named():
@@ -271,26 +269,14 @@ def test_finetune_seg_unet_takes_a_pretrained_unet_and_its_settings():
         job_settings("finetune_seg_unet", {"model": {"backbone": {}}})
 
 
-def _client_handler_args(job) -> dict:
-    """The fine-tuning handler's arguments as exported in the client config."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        job.export_job(d)
-        cfg = json.loads(next(Path(d).rglob("config_fed_client.json")).read_text())
-    (exe,) = [e["executor"] for e in cfg["executors"]]
-    assert exe["args"]["handler"] == "finetune"
-    return exe["args"]["handler_args"]
-
-
 @pytest.mark.parametrize("name", ["finetune_cls", "finetune_cls_cnn", "finetune_seg_unet", "finetune_seg_vit"])
 def test_finetune_optimisation_settings_reach_the_executor(name):
     """``--set trainer.warmup_steps=...`` etc. (FinetuneConfig fields beside the job's defaults) reach the sites."""
-    args = _client_handler_args(build_job(name, {"trainer": {"warmup_steps": 4, "weight_decay": 0.05,
-                                                             "grad_clip": 1.0, "aug_rot90": False}}))
+    args = _handler_args(build_job(name, {"trainer": {"warmup_steps": 4, "weight_decay": 0.05,
+                                                             "grad_clip": 1.0, "aug_rot90": False}}), "finetune")
     assert {k: args["trainer"][k] for k in ("warmup_steps", "weight_decay", "grad_clip", "aug_rot90")} == {
         "warmup_steps": 4, "weight_decay": 0.05, "grad_clip": 1.0, "aug_rot90": False}
-    assert "warmup_steps" not in _client_handler_args(build_job(name))["trainer"]  # the dataclass default applies
+    assert "warmup_steps" not in _handler_args(build_job(name), "finetune")["trainer"]  # the dataclass default applies
 
 
 @pytest.mark.parametrize(("trainer", "match"), [
