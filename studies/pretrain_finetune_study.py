@@ -174,6 +174,7 @@ def run_arm(a: argparse.Namespace, arm: str, seed: int, datalists: list[Path]) -
     from fl_plugins.flare.inprocess import run_fedavg
     from fl_plugins.models.factory import build_model
 
+    LOSS = FinetuneHandler.LOSS_META_KEY  # noqa: N806
     t0 = time.perf_counter()
     d = job_settings(a, arm, seed)
     key = d["fl"]["key_metric"]
@@ -188,8 +189,8 @@ def run_arm(a: argparse.Namespace, arm: str, seed: int, datalists: list[Path]) -
 
     def train_and_test(group: list[Any]) -> dict[str, Any]:
         """FedAvg over ``group`` (one site: local training) with early stopping; the best model on every test split."""
-        def progress(r: int, metrics: list[dict[str, Any]], score: float) -> None:
-            loss = np.mean([m["train_loss"] for m in metrics if "train_loss" in m] or [np.nan])
+        def progress(r: int, results: list[Any], score: float) -> None:
+            loss = np.mean([x.meta[LOSS] for x in results if LOSS in (x.meta or {})] or [np.nan])
             print(f"[{time.perf_counter() - t0:7.1f}s]   round {r + 1}/{a.max_rounds}: {key} {score:.4f} (of the model "
                   f"received), train loss {loss:.4f}", flush=True)
 

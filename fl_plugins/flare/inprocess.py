@@ -52,7 +52,7 @@ def run_fedavg(
     key_metric: str | None = None,
     patience: int | None = None,
     exchange: dict[str, Any] | None = None,
-    on_round: Callable[[int, list[dict[str, Any]], float], None] | None = None,
+    on_round: Callable[[int, list[FLModel], float], None] | None = None,
 ) -> dict[str, Any]:
     """Run up to ``rounds`` FedAvg rounds of ``handler.train``; returns per-round metrics and the final parameters.
 
@@ -67,8 +67,8 @@ def run_fedavg(
     does (its :func:`~fl_plugins.flare.fcl_controller.check_features` and ``remote_payloads``). The round's exchange
     record (seconds, bytes, sites sharing) is in ``out["exchange"]``.
 
-    ``on_round(r, site_metrics, score)`` is called after every round (progress output; ``score`` is the round's
-    ``key_metric`` score, NaN without one).
+    ``on_round(r, site_results, score)`` is called after every round with the sites' answers (metrics of the model
+    received, ``meta`` with the train loss) and the round's ``key_metric`` score (NaN without one): progress output.
 
     Returns:
         ``{"params": final global params, "rounds": [[site metrics...] per round], "final": [site metrics],
@@ -115,7 +115,7 @@ def run_fedavg(
             else:
                 since_best += 1
         if on_round is not None:
-            on_round(r, history[-1], sc)
+            on_round(r, results, sc)
         params = fedavg(results, aggregator, global_model=g)
         if patience is not None and since_best >= patience:
             break

@@ -57,7 +57,7 @@ def test_on_round_reports_every_round_with_its_score():
     seen = []
     sites = [_ScriptedSite([0.1, 0.5, 0.4, 0.3]), _ScriptedSite([0.3, 0.7, 0.4, 0.3])]
     run_fedavg(sites, {"w": np.zeros(1, np.float32)}, rounds=4, key_metric="val", patience=2,
-               on_round=lambda r, metrics, score: seen.append((r, [m["val"] for m in metrics], score)))
+               on_round=lambda r, results, score: seen.append((r, [x.metrics["val"] for x in results], score)))
     assert [(r, v) for r, v, _ in seen] == [(0, [0.1, 0.3]), (1, [0.5, 0.7]), (2, [0.4, 0.4]), (3, [0.3, 0.3])]
     assert [s for _, _, s in seen] == pytest.approx([0.2, 0.6, 0.4, 0.3])  # the mean over sites; stops after r=3
     seen.clear()
