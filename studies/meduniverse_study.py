@@ -290,6 +290,21 @@ def _paired(a_by_seed: dict[int, float], b_by_seed: dict[int, float]) -> list[fl
     return [a_by_seed[s] - b_by_seed[s] for s in sorted(set(a_by_seed) & set(b_by_seed))]
 
 
+def _capped(r: dict, b: int, s: str) -> bool | None:
+    """Whether a record's probe of base ``b`` on site ``s`` ended at the step cap instead of on patience
+    (validation still improved within the last ``probe_patience`` checks); None when not probed."""
+    v, st = r["scores"].get(str(b), {}).get(s), r["settings"]
+    if v is None:
+        return None
+    return v["steps_run"] - v["best_step"] < st["probe_patience"] * st["probe_every"]
+
+
+def _cap_line(recs: list[dict], b: int, sites: list[str]) -> str:
+    got = [c for r in recs for s in sites if (c := _capped(r, b, s)) is not None]
+    caps = sorted({r["settings"]["probe_max_steps"] for r in recs})
+    return f"{sum(got)} of {len(got)} ended at the step cap ({'/'.join(map(str, caps))}) instead of on patience"
+
+
 def table(a: argparse.Namespace) -> int:
     """Three Markdown tables (test ``--metric``, mean (sd) over seeds, [paired difference, 95 % CI]):
     1. every task fine-tuned to convergence from base 0: random init vs the MIM base;
@@ -314,6 +329,8 @@ def table(a: argparse.Namespace) -> int:
                 for arm in ARMS}
         lines.append(f"| {name[s]} | {_cell(list(vals['random'].values()))} | "
                      f"{_cell(list(vals['mim'].values()), _paired(vals['mim'], vals['random']))} |")
+    lines.append("\nConvergence: " + "; ".join(f"{arm}: {_cap_line(list(main[arm].values()), 0, sites)}"
+                                            for arm in ARMS if main[arm]))
     nst = max([len(r.get("task_models", {})) for r in recs] + [0])
     if nst:
         lines += [f"\n**2. Stage-wise: the stage's aggregate + the site's own head** (test {m}; per cell MIM base / "
@@ -347,6 +364,7 @@ def table(a: argparse.Namespace) -> int:
             vb = {r["seed"]: probe_of(r, b, hold) for r in rs if probe_of(r, b, hold) is not None}
             cells.append(_cell(list(vb.values()), _paired(vb, b0)))
         lines.append("| " + " | ".join(cells) + " |")
+        lines.append("\nConvergence: " + "; ".join(f"base {b}: {_cap_line(rs, b, [hold])}" for b in range(nb)))
     print("\n".join(lines))
     return 0
 
