@@ -60,6 +60,7 @@ TASKS = {"site-1": ("breastmnist", "breastmnist.npz"),
          "site-3": ("adrenalmnist3d", "adrenalmnist3d.npz"),
          "site-4": ("acdc_position", None)}
 ARMS = ("mim", "random")
+PROBE_SETTINGS = ("labelled", "probe_every", "probe_patience", "probe_max_steps")  # what a cached probe depends on
 #: the study's ViT: timm ViT-tiny width, 6 blocks, 32 px, 4 px patches = 64 tokens (the finetune_cls / MAE study one)
 BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "in_chans": 1, "depth": 6}
 IMAGE_SIZE = 32
@@ -212,6 +213,10 @@ def run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.is_file() else {}
     cache: dict[str, Any] = res.get("probes", {})
+    for k in PROBE_SETTINGS:  # the cache key is base|site|seed: a probe made under other settings must not be reused
+        if cache and res["settings"].get(k) != getattr(a, k):
+            raise SystemExit(f"--out {out} holds probes made with --{k.replace('_', '-')} {res['settings'].get(k)}, "
+                             f"not {getattr(a, k)}: give another --out")
     sites = sorted(Path(a.data).glob("site-*/datalist.json"))
     if a.hold_out and a.hold_out not in {p.parent.name for p in sites}:
         raise SystemExit(f"--hold-out {a.hold_out!r} is not a site under {a.data}")
