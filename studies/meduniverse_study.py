@@ -336,7 +336,7 @@ def table(a: argparse.Namespace) -> int:
                      f"{_cell(list(vals['mim'].values()), _paired(vals['mim'], vals['random']))} |")
     lines.append("\nConvergence: " + "; ".join(f"{arm}: {_cap_line(list(main[arm].values()), 0, sites)}"
                                             for arm in ARMS if main[arm]))
-    nst = max([len(r.get("task_models", {})) for r in recs] + [0])
+    nst = max([len(r.get("task_models", {})) for arm in ARMS for r in main[arm].values()] + [0])
     if nst:
         lines += [f"\n**2. Stage-wise: the stage's aggregate + the site's own head** (test {m}; per cell MIM base / "
                   "random base [paired difference MIM - random]; in brackets below: the site's own fine-tuned model "
