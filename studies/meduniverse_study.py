@@ -22,7 +22,8 @@ is the masked-image-modelling export (arm ``mim``, ``--base``) or a random ViT (
 
 Scoring a base ``B_b`` for a task (every base, every task, held-out tasks included): fine-tune ``B_b`` + a fresh head
 on the task's labelled items (the stage trainer, AdamW, cosine over ``--probe-max-steps``), validate every
-``--probe-every`` steps, stop after ``--probe-patience`` checks without a better validation AUC, test the best model
+``--probe-every`` steps, stop after ``--probe-patience`` checks without a better validation AUC (never before
+``--probe-min-steps``), test the best model
 on the task's test split (accuracy, balanced accuracy, AUC; macro one-vs-rest AUC for 3 classes). Base 0 of the
 random arm is plain fine-tuning from random init: the baseline every other cell is compared with.
 
@@ -173,7 +174,7 @@ def probe(a: argparse.Namespace, base: dict[str, np.ndarray], datalist: Path, se
     tr.method.load_federated_state_dict(to_torch(base))
     best, best_state, best_step, since, curve = -np.inf, None, 0, 0, []
     step = 0
-    while step < a.probe_max_steps and since < a.probe_patience:
+    while step < a.probe_max_steps and (since < a.probe_patience or step < a.probe_min_steps):
         tr.train_steps(a.probe_every, global_step=step)
         step += a.probe_every
         score = float(tr.evaluate()[KEY])
@@ -217,6 +218,12 @@ def run(a: argparse.Namespace) -> int:
         if cache and res["settings"].get(k) != getattr(a, k):
             raise SystemExit(f"--out {out} holds probes made with --{k.replace('_', '-')} {res['settings'].get(k)}, "
                              f"not {getattr(a, k)}: give another --out")
+    if cache and res["settings"].get("probe_min_steps", 0) > a.probe_min_steps:
+        raise SystemExit(f"--out {out} holds probes made with --probe-min-steps {res['settings']['probe_min_steps']}, "
+                         f"more than {a.probe_min_steps}: give another --out")
+    # a raised minimum leaves every probe that ran at least that long where it stopped (training is seeded): only
+    # the ones that stopped earlier run again
+    cache = {k: v for k, v in cache.items() if v["steps_run"] >= a.probe_min_steps}
     sites = sorted(Path(a.data).glob("site-*/datalist.json"))
     if a.hold_out and a.hold_out not in {p.parent.name for p in sites}:
         raise SystemExit(f"--hold-out {a.hold_out!r} is not a site under {a.data}")
@@ -396,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--probe-every", type=int, default=25)
     pr.add_argument("--probe-patience", type=int, default=3)
     pr.add_argument("--probe-max-steps", type=int, default=300)
+    pr.add_argument("--probe-min-steps", type=int, default=0, help="no early stop before this step")
     pr.add_argument("--threads", type=int, default=1)
     pr.add_argument("--out", required=True, help="result JSON (rewritten after every probe; rerun to reuse probes)")
     pr.set_defaults(func=run)
