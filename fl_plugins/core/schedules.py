@@ -29,7 +29,24 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_schedule", "linear_warmup_then_constant", "cosine_with_warmup", "warmup_cosine_or_constant"]
+__all__ = ["cosine_schedule", "linear_warmup_then_constant", "cosine_with_warmup", "warmup_cosine_or_constant",
+           "step_horizon"]
+
+
+def step_horizon(steps_per_round: int, num_rounds: int) -> int:
+    """The schedule horizon of a federated job: every local step of every round, ``steps_per_round * num_rounds``.
+
+    The one rule for a method's or trainer's ``total_steps`` when a job leaves it unset (None): the job builders and
+    the site handlers both call this, so the server's copy of a config and every site's agree. ``num_rounds`` below
+    1 counts as 1 (a site told 0 rounds still has one round's schedule).
+
+    Example:
+        >>> step_horizon(5, 10), step_horizon(5, 0)
+        (50, 5)
+    """
+    if isinstance(steps_per_round, bool) or int(steps_per_round) != steps_per_round or steps_per_round < 1:
+        raise ValueError(f"steps_per_round must be an int >= 1, got {steps_per_round!r}")
+    return int(steps_per_round) * max(1, int(num_rounds))
 
 
 def _check_non_negative(**values: int) -> None:
