@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from fl_plugins.core.schedules import step_horizon
 from fl_plugins.flare.handler import MethodHandler, SiteContext
 from fl_plugins.flare.ssl_handler import site_seed
 from fl_plugins.wire import (
@@ -190,7 +191,7 @@ class FCLHandler(MethodHandler):
         self.site = site
         cfg = dict(config)
         if cfg.get("total_steps") is None:
-            cfg["total_steps"] = steps_per_round * max(1, total_rounds)
+            cfg["total_steps"] = step_horizon(steps_per_round, total_rounds)
         self.method = build("fcl", cfg)  # the job's seed: the same initial model as the server's
         mcfg = self.method.config
         self.seed = site_seed(int(mcfg.seed), site.site_name)

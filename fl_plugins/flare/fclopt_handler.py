@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from fl_plugins.core.schedules import step_horizon
 from fl_plugins.flare.handler import MethodHandler, SiteContext, to_numpy, to_torch
 from fl_plugins.flare.ssl_handler import site_seed
 from fl_plugins.wire import META_DP_DISTANCE, META_NUM_STEPS, META_TARGET_UPLOADED
@@ -80,7 +81,7 @@ class FCLOptHandler(MethodHandler):
         self.site = site
         cfg = dict(config)
         if cfg.get("total_steps") is None:
-            cfg["total_steps"] = steps_per_round * max(1, total_rounds)
+            cfg["total_steps"] = step_horizon(steps_per_round, total_rounds)
         self.method = build("fclopt", cfg)  # the job's seed: the server's initial model
         mcfg = self.method.config
         self.ptnu = mcfg.target_mode == "ptnu"

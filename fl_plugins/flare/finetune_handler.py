@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins.core.schedules import step_horizon
 from fl_plugins.flare.data_check import finetune_data_problems
 from fl_plugins.flare.handler import MethodHandler, SiteContext
 
@@ -62,7 +63,7 @@ def finetune_config(model: dict[str, Any], trainer: dict[str, Any], total_rounds
     from fl_plugins.engine.finetune import FinetuneConfig
 
     cfg = dict(trainer)
-    cfg.setdefault("total_steps", int(cfg.get("steps_per_round", 1)) * max(1, int(total_rounds)))
+    cfg.setdefault("total_steps", step_horizon(int(cfg.get("steps_per_round", 1)), int(total_rounds)))
     model = dict(model)
     if model.get("pretrained") and not model.get("freeze_backbone", False):
         # The server's persistor loads the pretrained backbone into the initial global model and round 0
