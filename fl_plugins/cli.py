@@ -114,7 +114,8 @@ def _check_datalists(paths: list[Path], sections: tuple[str, ...], job: str | No
     ``present_only``: of ``sections`` check ``training`` (unless the datalist is evaluation-only) and the non-empty
     others, noting the empty ones."""
     from fl_plugins.data import load_datalist, validate_datalist
-    from fl_plugins.flare.data_check import job_data_notes, job_data_problems
+    from fl_plugins.flare.data_check import job_data_notes
+    from fl_plugins.flare.jobs.data_fit import job_data_problems
 
     problems: list[str] = []
     notes: list[str] = []
@@ -149,7 +150,7 @@ def _check_datalists(paths: list[Path], sections: tuple[str, ...], job: str | No
 def cmd_check_data(a: argparse.Namespace) -> int:
     settings = None
     if a.job:
-        from fl_plugins.flare.job_builder import job_settings
+        from fl_plugins.flare.jobs import job_settings
 
         try:
             settings = job_settings(a.job, parse_set(a.set))
@@ -180,7 +181,7 @@ def _datalists(arg: str) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------------- jobs
 def cmd_export_jobs(a: argparse.Namespace) -> int:
-    from fl_plugins.flare.job_builder import export_jobs
+    from fl_plugins.flare.recipes import export_jobs
 
     for p in export_jobs(a.out, a.names or None):
         print(f"exported {p}")
@@ -203,7 +204,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_list_jobs(a: argparse.Namespace) -> int:
-    from fl_plugins.flare.job_builder import JOBS
+    from fl_plugins.flare.jobs import JOBS
 
     for name, spec in sorted(JOBS.items()):
         print(f"{name:22s} {spec.description}")
@@ -294,7 +295,7 @@ def _preflight_sites(template: str | None, n_sites: int, job: str | None = None,
 def _num_classes_from_data(template: str | None, job: str, overrides: dict[str, Any]) -> None:
     """Fine-tuning jobs take ``model.num_classes`` from the datalist unless the user set it (printed)."""
     from fl_plugins.data import load_datalist
-    from fl_plugins.flare.job_builder import JOBS
+    from fl_plugins.flare.jobs import JOBS
 
     spec = JOBS.get(job)
     if template is None or spec is None or "model" not in spec.defaults:
@@ -314,7 +315,7 @@ def _num_classes_from_data(template: str | None, job: str, overrides: dict[str, 
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from fl_plugins.flare.job_builder import JOBS, build_job, job_settings
+    from fl_plugins.flare.jobs import JOBS, build_job, job_settings
 
     ws = Path(a.workspace).resolve()
     overrides = parse_set(a.set)

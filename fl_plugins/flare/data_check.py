@@ -1,25 +1,15 @@
-"""Does a site's data fit a ready job? Checked in ``flssl check-data --job``, in the pre-flight of ``flssl simulate``
-(before FLARE starts) and by the handlers when a site starts; each problem names the file, the setting to change
-and its value.
+"""Does a site's data fit a job? The checks themselves: fine-tuning (task, classes, channels, 2D/3D against the
+model) and pretraining (2D/3D). Which check a ready job gets is its JobSpec's ``data`` kind
+(:func:`fl_plugins.flare.jobs.data_fit.job_data_problems`, run by ``flssl check-data --job`` and the pre-flight of
+``flssl simulate``, before FLARE starts); the handlers run the same checks when a site starts. Each problem names the
+file, the setting to change and its value.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["job_data_problems", "finetune_data_problems", "job_data_notes", "pretrain_dims_problems",
-           "pretrain_job_dims", "decathlon_mode_fix"]
-
-_JOB_KIND = {"finetune_seg_unet": "finetune", "finetune_seg_vit": "finetune", "finetune_cls": "finetune",
-             "finetune_cls_cnn": "finetune", "dino_pretrain": "pretrain_2d", "dinov2_pretrain": "pretrain_2d",
-             "unet_inpaint_pretrain": "pretrain", "mae_vit_pretrain": "pretrain", "mae3d_pretrain": "pretrain"}
-
-#: pretraining jobs of registered methods: job -> (settings section of the method config, the job for 2D data, the
-#: job for 3D data)
-_PRETRAIN_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint_pretrain", "mae3d_pretrain"),
-                  "mae_vit_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain"),
-                  "mae3d_pretrain": ("mae", "mae_vit_pretrain", "mae3d_pretrain")}
-
+__all__ = ["finetune_data_problems", "job_data_notes", "pretrain_dims_problems", "decathlon_mode_fix"]
 
 def decathlon_mode_fix(dl: dict[str, Any], data_dims: int) -> str:
     """The data-side fix when a Decathlon datalist read as ``data_dims``-D items does not fit a job: the datalist
@@ -33,45 +23,28 @@ def decathlon_mode_fix(dl: dict[str, Any], data_dims: int) -> str:
     return 'read its volumes whole (3D) instead: split with flssl split --volumes (datalist field "volumes": true)'
 
 
-def job_data_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
-    """Mismatches between the job ``job`` with merged ``settings`` and a loaded datalist ``dl`` (empty: it fits)."""
-    kind = _JOB_KIND.get(job)
-    if kind == "finetune":
-        return finetune_data_problems(settings["trainer"]["task"], settings["model"], dl, job)
-    if kind == "pretrain_2d":
-        return _dims_problems(settings.get("model", {}), dl, job)
-    if kind == "pretrain":
-        return pretrain_dims_problems(job, settings, dl)
-    return []
+def pretrain_dims_problems(job: str, dims: int, dl: dict[str, Any], jobs_by_dims: dict[int, str],
+                           dims_key: str | None = None) -> list[str]:
+    """2D/3D of a pretraining job against the datalist's images, with the job (or setting) that fits the data.
 
-
-def pretrain_job_dims(job: str, settings: dict[str, Any]) -> int:
-    """The image dimensionality (2 or 3) the pretraining job ``job`` trains on, from its merged settings."""
-    section = _PRETRAIN_JOBS[job][0]
-    cfg = settings.get(section, {})
-    if section == "unet_inpaint":
-        from fl_plugins.models.unet import UNET_DEFAULTS
-
-        return int({**UNET_DEFAULTS, **dict(cfg.get("unet") or {})}["spatial_dims"])
-    return int(cfg.get("spatial_dims", 2))
-
-
-def pretrain_dims_problems(job: str, settings: dict[str, Any], dl: dict[str, Any]) -> list[str]:
-    """2D/3D of a pretraining job against the datalist's images, with the job (or setting) that fits the data."""
+    Args:
+        job: the job's name; ``dims``: the dimensionality it trains on (from its merged settings).
+        jobs_by_dims: the job that fits 2D and the one that fits 3D data (a missing entry: no job fits).
+        dims_key: the setting that switches the job's dimensionality (named when the fitting job is this one).
+    """
     from fl_plugins.data import data_geometry
 
-    geo, dims = data_geometry(dl), pretrain_job_dims(job, settings)
+    geo = data_geometry(dl)
     if geo.spatial_dims == dims:
         return []
-    section, job_2d, job_3d = _PRETRAIN_JOBS[job]
-    fit = job_3d if geo.spatial_dims == 3 else job_2d
-    if fit == job:  # the job trains the other dimensionality because of a setting
-        key = f"{section}.unet.spatial_dims" if section == "unet_inpaint" else f"{section}.spatial_dims"
-        fix = f"--set {key}={geo.spatial_dims}"
+    fit = jobs_by_dims.get(geo.spatial_dims)
+    if fit == job and dims_key:  # the job trains the other dimensionality because of a setting
+        fix = f"--set {dims_key}={geo.spatial_dims}"
     else:
-        fix = f"use job {fit}"
+        fix = f"use job {fit}" if fit and fit != job else f"{geo.spatial_dims}D data is not supported by this job"
         if decathlon_mode_fix(dl, geo.spatial_dims):
-            fix += f", or {decathlon_mode_fix(dl, geo.spatial_dims)}"
+            fix += f", or {decathlon_mode_fix(dl, geo.spatial_dims)}" if fit and fit != job \
+                else f": {decathlon_mode_fix(dl, geo.spatial_dims)}"
     return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} "
             f"trains on {dims}D images: {fix}"]
 

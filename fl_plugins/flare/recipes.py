@@ -20,18 +20,17 @@ into the simulation workspace's ``local/fl_plugins_site.json``, with nvflare's d
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from nvflare.recipe.poc_env import PocEnv
 from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.spec import ExecEnv, Recipe
 
-from fl_plugins.flare.job_builder import build_job, job_names
+from fl_plugins.flare.jobs import JOBS, build_job, job_names
 
-__all__ = ["JobRecipe", "RECIPES", "recipe_for", "RunningPocEnv", "FinetuneSegUnetRecipe", "FinetuneSegVitRecipe",
-           "FinetuneClsRecipe", "FinetuneClsCnnRecipe", "DinoRecipe", "Dinov2Recipe", "UNetInpaintRecipe",
-           "MAEViTRecipe", "MAE3DRecipe", "MedUniverseStagewiseRecipe", "FCLRecipe", "FCLNoExchangeRecipe",
-           "FCLOptRecipe", "FCLOptPTNUDPRecipe"]
+__all__ = ["JobRecipe", "RECIPES", "recipe_for", "export_jobs", "RunningPocEnv",
+           *sorted(spec.recipe for spec in JOBS.values())]
 
 
 class JobRecipe(Recipe):
@@ -69,124 +68,17 @@ class JobRecipe(Recipe):
             write_sim_local(os.path.join(env.workspace_root, self.name), datalist)
 
 
-class FinetuneSegUnetRecipe(JobRecipe):
-    """Segmentation fine-tuning, MONAI U-Net from scratch (the honest baseline)."""
-
-    JOB = "finetune_seg_unet"
-
-
-class FinetuneSegVitRecipe(JobRecipe):
-    """Segmentation fine-tuning, timm ViT + UNETR-style decoder, optionally from a pretrained backbone."""
-
-    JOB = "finetune_seg_vit"
+def _recipe_class(job: str) -> type[JobRecipe]:
+    """The Recipe class of ``job``, named by its JobSpec (``JobSpec.recipe``), documented by its description."""
+    spec = JOBS[job]
+    return type(spec.recipe, (JobRecipe,), {"JOB": job, "__module__": __name__, "__qualname__": spec.recipe,
+                                             "__doc__": f"{spec.description}.\n\nThe job ``{job}`` as a Recipe "
+                                             "(see :class:`JobRecipe`)."})
 
 
-class FinetuneClsRecipe(JobRecipe):
-    """Classification fine-tuning, timm ViT + linear/MLP head."""
-
-    JOB = "finetune_cls"
-
-
-class FinetuneClsCnnRecipe(JobRecipe):
-    """Classification fine-tuning, MONAI ResNet-10 (the CNN baseline; 2D or 3D)."""
-
-    JOB = "finetune_cls_cnn"
-
-
-class DinoRecipe(JobRecipe):
-    """Federated DINO pretraining of a timm ViT on unlabelled images."""
-
-    JOB = "dino_pretrain"
-
-
-class Dinov2Recipe(JobRecipe):
-    """Federated DINOv2 (DINO + iBOT + KoLeo) pretraining."""
-
-    JOB = "dinov2_pretrain"
-
-
-class UNetInpaintRecipe(JobRecipe):
-    """Federated masked-inpainting pretraining of the segmentation U-Net (its export starts ``finetune_seg_unet``).
-
-    CPU defaults (64 px, batch 16); GPU scale: ``{"unet_inpaint": {"image_size": 256, "patch_size": 32,
-    "batch_size": 128}, "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
-    """
-
-    JOB = "unet_inpaint_pretrain"
-
-
-class MAEViTRecipe(JobRecipe):
-    """Federated MAE (or SimMIM) pretraining of a 2D timm ViT (its export starts the ViT fine-tuning jobs).
-
-    CPU defaults (ViT-tiny width, 6 blocks, 64 px, patch 8, batch 16); GPU scale (MAE's ViT-B recipe):
-    ``{"mae": {"backbone": {"name": "vit_base_patch16_224", "img_size": 224, "patch_size": 16, "depth": 12},
-    "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16, "norm_pix_loss": True, "batch_size": 128},
-    "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
-    """
-
-    JOB = "mae_vit_pretrain"
-
-
-class MAE3DRecipe(JobRecipe):
-    """Federated MAE pretraining of a 3D ViT on volumes (MONAI ``MaskedAutoEncoderViT``; 3D MedMNIST datalists or Decathlon datalists with "volumes": true).
-
-    CPU defaults (32^3 volumes, patch 8, ViT-tiny width, 6 blocks, batch 16); GPU scale: ``{"mae": {"backbone":
-    {"img_size": 64, "depth": 12}, "batch_size": 64}, "steps_per_round": 100, "fl": {"num_rounds": 100}}``.
-    """
-
-    JOB = "mae3d_pretrain"
-
-
-class FCLRecipe(JobRecipe):
-    """Federated contrastive learning with feature exchange and global structural matching (FCL) of the segmentation
-    U-Net's encoder on slices of volumes (its export starts ``finetune_seg_unet``).
-
-    Privacy settings (what leaves a site besides the weights): ``{"exchange": {"max_features": 256,
-    "feature_noise_std": 0.05, "feature_dtype": "float16"}}``; ``docs/privacy_fcl.md``.
-    """
-
-    JOB = "fcl_pretrain"
-
-
-class FCLNoExchangeRecipe(JobRecipe):
-    """The FCL baseline without feature exchange: local contrastive terms only, FedAvg of the encoder."""
-
-    JOB = "fcl_noexchange_pretrain"
-
-
-class FCLOptRecipe(JobRecipe):
-    """FCLOpt: BYOL-style federated contrastive learning on structural positives, no negatives, no feature exchange;
-    online, predictor and target averaged (methods-spec 7.8, reconstructed)."""
-
-    JOB = "fclopt_pretrain"
-
-
-class FCLOptPTNUDPRecipe(JobRecipe):
-    """FCLOpt + PTNU (predicted target, never downloaded) + DP (target uploads only when the site's target strays;
-    ``{"dp_threshold": None}`` for PTNU alone)."""
-
-    JOB = "fclopt_ptnu_dp_pretrain"
-
-
-class MedUniverseStagewiseRecipe(JobRecipe):
-    """Stage-wise federated fine-tuning (MedUniverse): one ViT backbone improved stage by stage by sites with different
-    classification tasks (2D or 3D); heads stay on the sites.
-
-    E.g. ``MedUniverseStagewiseRecipe({"model": {"pretrained": "/abs/mae_backbone.pt"}, "stagewise": {"num_stages": 3,
-    "k_per_stage": 4, "weighting": "samples"}, "fl": {"min_clients": 4}}, datalist="sites/{site}/datalist.json")``;
-    the base of every stage is kept in the server's ``app_server/stage_<s>_base.pt`` (see fl_plugins.flare.stagewise).
-    """
-
-    JOB = "meduniverse_stagewise"
-
-
-#: job name -> its Recipe class (every registered job has exactly one)
-RECIPES: dict[str, type[JobRecipe]] = {
-    cls.JOB: cls for cls in (FinetuneSegUnetRecipe, FinetuneSegVitRecipe, FinetuneClsRecipe, FinetuneClsCnnRecipe,
-                             DinoRecipe, Dinov2Recipe, UNetInpaintRecipe,
-                             MAEViTRecipe, MAE3DRecipe, MedUniverseStagewiseRecipe, FCLRecipe,
-                             FCLNoExchangeRecipe, FCLOptRecipe, FCLOptPTNUDPRecipe)
-}
+#: job name -> its Recipe class (every registered job has exactly one, named by its JobSpec)
+RECIPES: dict[str, type[JobRecipe]] = {job: _recipe_class(job) for job in job_names()}
+globals().update({cls.__name__: cls for cls in RECIPES.values()})  # e.g. fl_plugins.flare.recipes.DinoRecipe
 
 
 def recipe_for(name: str, settings: dict[str, Any] | None = None, datalist: str | None = None) -> JobRecipe:
@@ -194,6 +86,16 @@ def recipe_for(name: str, settings: dict[str, Any] | None = None, datalist: str 
     if name not in RECIPES:
         raise ValueError(f"no recipe for job {name!r}; jobs with recipes: {sorted(RECIPES)}")
     return RECIPES[name](settings, datalist=datalist)
+
+
+def export_jobs(out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Export the ready jobs, through their Recipes, as FLARE job folders (``jobs/`` is this with every job)."""
+    out = Path(out_dir)
+    paths = []
+    for n in names or job_names():
+        recipe_for(n).export(str(out))
+        paths.append(out / n)
+    return paths
 
 
 class RunningPocEnv(PocEnv):

@@ -12,7 +12,8 @@ import pytest
 from fl_plugins.cli import _num_classes_from_data
 from fl_plugins.cli import main as flssl
 from fl_plugins.data import data_geometry, load_datalist
-from fl_plugins.flare.data_check import job_data_notes, job_data_problems
+from fl_plugins.flare.data_check import job_data_notes
+from fl_plugins.flare.jobs.data_fit import job_data_problems
 from fl_plugins.flare.job_builder import job_settings
 
 

@@ -8,18 +8,30 @@ from pathlib import Path
 import pytest
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-from fl_plugins.flare.job_builder import JOBS, build_job, export_jobs, job_names, job_settings
+from fl_plugins.flare.jobs import JOBS, build_job, job_names, job_settings
+from fl_plugins.flare.recipes import export_jobs
 from fl_plugins.flare.sim_workspace import write_sim_local
 from fl_plugins.flare.site_setup import site_class_allow_list
 
 REPO = Path(__file__).resolve().parents[2]
-#: pretraining jobs of registered methods through the generic SSL handler: job -> (method, settings section)
-METHOD_JOBS = {"unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint"), "mae_vit_pretrain": ("mae", "mae"),
-               "mae3d_pretrain": ("mae", "mae")}
+#: pretraining jobs of registered methods through the generic SSL handler: job -> (method, settings section); from
+#: the JobSpecs, checked against the expected set below so that a job cannot leave the set unnoticed
+METHOD_JOBS = {n: (s.method, s.section) for n, s in JOBS.items() if s.handler == "ssl"}
 #: jobs with their own workflow and tasks (tests/flare/test_stagewise_job.py, test_fcl_job.py); the rest are FedAvg jobs
-OWN_WORKFLOW_JOBS = {"meduniverse_stagewise", "fcl_pretrain", "fcl_noexchange_pretrain", "fclopt_pretrain",
-                     "fclopt_ptnu_dp_pretrain"}
+OWN_WORKFLOW_JOBS = {n for n, s in JOBS.items() if s.workflow != "fedavg"}
 FEDAVG_JOBS = [n for n in job_names() if n not in OWN_WORKFLOW_JOBS]
+
+
+def test_job_sets_from_the_specs():
+    """The tests' job sets are derived from the JobSpecs; this pins what they hold today."""
+    assert METHOD_JOBS == {"dino_pretrain": ("dino", "dino"), "dinov2_pretrain": ("dino", "dino"),
+                           "unet_inpaint_pretrain": ("unet_inpaint", "unet_inpaint"),
+                           "mae_vit_pretrain": ("mae", "mae"), "mae3d_pretrain": ("mae", "mae"),
+                           **({"simclr_pretrain": ("simclr", "simclr")} if "simclr_pretrain" in JOBS else {})}
+    assert OWN_WORKFLOW_JOBS == {"meduniverse_stagewise", "fcl_pretrain", "fcl_noexchange_pretrain",
+                                 "fclopt_pretrain", "fclopt_ptnu_dp_pretrain"}
+    assert {n for n, s in JOBS.items() if s.handler == "finetune"} == {
+        "finetune_seg_unet", "finetune_seg_vit", "finetune_cls", "finetune_cls_cnn"}
 
 
 def _paths(node) -> list[str]:
@@ -67,17 +79,15 @@ def test_job_server_config(exported, name):
     if name.startswith("finetune"):
         assert comps["persistor"]["args"]["model_config"] == JOBS[name].defaults["model"]
         assert "num_batches_tracked" in comps["persistor"]["args"]["exclude_regex"]
-    elif name in METHOD_JOBS:  # the registered method; exactly its site-kept keys are excluded
-        from fl_plugins.flare.job_builder import non_federated_regex_of
+    else:  # the registered method; exactly its site-kept keys are excluded (DINO mode A: none)
+        from fl_plugins.flare.jobs import non_federated_regex_of
         from fl_plugins.methods import build
 
         args = comps["persistor"]["args"]
         assert args["method"] == METHOD_JOBS[name][0] and "model_config" not in args
         assert args.get("exclude_regex") == non_federated_regex_of(build(args["method"], args["method_config"]))
-    else:  # DINO: the global model is the registered method "dino"; mode A federates every key (nothing excluded)
-        args = comps["persistor"]["args"]
-        assert args["method"] == "dino" and args["method_config"]["federation_mode"] == "A"
-        assert "exclude_regex" not in args and "model_config" not in args
+        if args["method"] == "dino":
+            assert args["method_config"]["federation_mode"] == "A" and "exclude_regex" not in args
     assert wf["args"].get("key_metric") == JOBS[name].defaults["fl"]["key_metric"]
 
 
@@ -93,13 +103,12 @@ def test_job_client_config(exported, name):
     else:
         server = json.loads((exported / name / "app" / "config" / "config_fed_server.json").read_text())
         persistor = next(c for c in server["components"] if c["id"] == "persistor")
-        if name in METHOD_JOBS:  # the generic SSL handler of the registered method
-            assert args["handler"] == "ssl" and args["handler_args"]["method"] == persistor["args"]["method"]
-            assert args["handler_args"]["config"] == persistor["args"]["method_config"]  # one config, both sides
-            assert args["handler_args"]["spatial_dims"] in (2, 3) and args["handler_args"]["preview_every"] == 1
-        else:
-            assert args["handler"] == "dino"
-            assert args["handler_args"]["dino"] == persistor["args"]["method_config"]  # one config, both sides
+        assert name in METHOD_JOBS  # every other FedAvg job: the generic SSL handler of the registered method
+        assert args["handler"] == "ssl" and args["handler_args"]["method"] == persistor["args"]["method"]
+        assert args["handler_args"]["config"] == persistor["args"]["method_config"]  # one config, both sides
+        assert args["handler_args"]["spatial_dims"] == JOBS[name].dims(job_settings(name))
+        # a preview for the masked-image-modelling jobs (their methods draw one); DINO has none to draw
+        assert args["handler_args"].get("preview_every") == JOBS[name].defaults.get("preview_every")
     assert [c["path"] for c in cfg["components"]] == ["nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent"]
 
 
@@ -129,7 +138,7 @@ def test_recipe_export_equals_the_job_and_refuses_bad_settings(tmp_path):
     r.export(str(tmp_path))
     client = json.loads((tmp_path / "dino_pretrain" / "app" / "config" / "config_fed_client.json").read_text())
     args = client["executors"][0]["executor"]["args"]["handler_args"]
-    assert args["dino"]["lr"] == 5e-4 and args["total_rounds"] == 3
+    assert args["config"]["lr"] == 5e-4 and args["total_rounds"] == 3
     with pytest.raises(ValueError, match=r"job setting 'dino.lr' expects a number, got '5e-4x'"):
         DinoRecipe({"dino": {"lr": "5e-4x"}})
     with pytest.raises(ValueError, match="DinoRecipe builds job 'dino_pretrain', not 'finetune_cls'"):
@@ -188,9 +197,11 @@ def _handler_args(job, handler: str) -> dict:
     return exe["args"]["handler_args"]
 
 
-def _client_dino(job, arg: str = "dino") -> dict:
-    """The DINO handler's ``dino`` (or other) argument as exported in the client config."""
-    return _handler_args(job, "dino")[arg]
+def _client_dino(job, arg: str = "config") -> dict:
+    """The DINO job's method ``config`` (or another argument of its generic SSL handler) as exported."""
+    args = _handler_args(job, "ssl")
+    assert args["method"] == "dino"
+    return args[arg]
 
 
 @pytest.mark.parametrize(("name", "key", "value"), [
@@ -198,10 +209,11 @@ def _client_dino(job, arg: str = "dino") -> dict:
     ("dino_pretrain", "momentum_teacher", 0.99),
     ("dinov2_pretrain", "centering", "sinkhorn_knopp"),
     ("dinov2_pretrain", "koleo_weight", 0.0),
+    ("dinov2_pretrain", "mask_sample_probability", 0.25),
 ])
 def test_every_dino_config_field_is_settable(name, key, value):
     """``--set dino.<field>`` reaches the site executor for any DINOConfig field, not only the listed defaults."""
-    assert key not in JOBS[name].defaults["dino"]
+    assert JOBS[name].defaults["dino"].get(key) != value
     dino = _client_dino(build_job(name, {"dino": {key: value}}))
     assert dino[key] == value
     assert dino["total_steps"] == 2 * 5  # rounds x steps_per_round still fills the schedule horizon

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fl_plugins.data import generate_synthetic_segmentation, load_datalist
-from fl_plugins.flare.data_check import job_data_problems
+from fl_plugins.flare.jobs.data_fit import job_data_problems
 from fl_plugins.flare.handler import SiteContext
 from fl_plugins.flare.job_builder import job_settings
 from fl_plugins.flare.ssl_handler import SSLHandler
