@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LAYERS", "BASE_RANK", "layer_of", "violations"]
+__all__ = ["LAYERS", "BASE_RANK", "layer_of", "violations", "import_cycles"]
 
 PACKAGE = "fl_plugins"
 #: Rank of every layer above the base modules (lowest first).
@@ -141,3 +141,88 @@ def violations(package_root: Path) -> list[str]:
                 out.append(f"{where}:{line}: {me} imports {name}: a base module ({layer}) imports the standard "
                            f"library only")
     return out
+
+
+def _module_of(name: str, modules: set[str]) -> str | None:
+    """The package module an imported dotted ``name`` lands in: the longest prefix that is a module of ``modules``
+    (``fl_plugins.flare.jobs.base.FLSettings`` -> ``fl_plugins.flare.jobs.base``); None outside the package."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        cand = ".".join(parts[:n])
+        if cand in modules:
+            return cand
+    return None
+
+
+def _from_import_submodules(tree: ast.AST, module_parts: tuple[str, ...], is_package: bool) -> list[str]:
+    """``a.b.c`` for every ``from a.b import c`` (also relative): ``c`` may be a sub-module (kept if it is one)."""
+    here = [PACKAGE, *module_parts] if is_package else [PACKAGE, *module_parts[:-1]]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            out += [f"{module}.{a.name}" for a in node.names if a.name != "*"]
+    return out
+
+
+def import_cycles(package_root: Path) -> list[list[str]]:
+    """Every import circle among the package's modules, counting every import statement (module level, inside
+    functions, ``TYPE_CHECKING`` blocks, relative, literal ``importlib.import_module``), as sorted module lists.
+
+    An edge goes from a module to the module an import names (the longest dotted prefix that is a module); a
+    package's ``__init__`` is the package's module. A sub-module that imports its own package's ``__init__``
+    (``from fl_plugins.data import x`` inside ``fl_plugins.data.y``) while that ``__init__`` imports it back is a
+    circle too: move the name or import it from its own module.
+    """
+    package_root = Path(package_root)
+    files = {".".join([PACKAGE, *_module_parts(p, package_root)]): p for p in package_root.rglob("*.py")}
+    modules = set(files)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for me, path in files.items():
+        parts = tuple(me.split(".")[1:])
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        names = [name for _, name in _imports(tree, parts, path.name == "__init__.py")]
+        names += _from_import_submodules(tree, parts, path.name == "__init__.py")
+        for name in names:
+            target = _module_of(name, modules)
+            if target is not None and target != me:
+                graph[me].add(target)
+    # Tarjan's strongly connected components: every component of more than one module is a circle
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(modules) + 100))
+    for v in sorted(modules):
+        if v not in index:
+            visit(v)
+    return sorted(out)

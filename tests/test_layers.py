@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from layer_contract import violations
+from layer_contract import import_cycles, violations
 
 import fl_plugins
 
@@ -89,3 +89,39 @@ def test_allowed_imports_are_not_reported(tmp_path):
         "cli.py": "def main():\n    from fl_plugins.flare.job_builder import build_job\n",
     })
     assert violations(pkg) == []
+
+
+def test_package_has_no_import_circle():
+    """No two modules import each other, directly or through others, also not through imports inside functions
+    (a circle hidden in a function still couples the two modules both ways)."""
+    assert import_cycles(PACKAGE_ROOT) == []
+
+
+CIRCLES = {
+    "at module level": ({"flare/a.py": "from fl_plugins.flare.b import B\n",
+                         "flare/b.py": "import fl_plugins.flare.a\n"}, [["fl_plugins.flare.a", "fl_plugins.flare.b"]]),
+    "inside a function": ({"methods/reg.py": "def f():\n    import fl_plugins.methods.builtin\n",
+                           "methods/builtin.py": "from fl_plugins.methods.reg import register\n"},
+                          [["fl_plugins.methods.builtin", "fl_plugins.methods.reg"]]),
+    "through a third module, relative": ({"core/x.py": "from .y import Y\n", "core/y.py": "from . import z\n",
+                                          "core/z.py": "def g():\n    from fl_plugins.core.x import X\n"},
+                                         [["fl_plugins.core.x", "fl_plugins.core.y", "fl_plugins.core.z"]]),
+    "via a package __init__": ({"data/__init__.py": "from fl_plugins.data.q import Q\n",
+                                "data/q.py": "from fl_plugins.data import helper\n"},
+                               [["fl_plugins.data", "fl_plugins.data.q"]]),
+    "one direction only is fine": ({"flare/a.py": "from fl_plugins.flare.b import B\n", "flare/b.py": "X = 1\n"},
+                                   []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CIRCLES))
+def test_import_circles_are_found(tmp_path, case):
+    files, expected = CIRCLES[case]
+    assert import_cycles(_fake_package(tmp_path, files)) == expected
+
+
+def test_job_modules_stay_small():
+    """One module per job family, none over about 300 lines (the job layer was one 886-line file)."""
+    big = {p.name: n for p in (PACKAGE_ROOT / "flare" / "jobs").glob("*.py")
+           if (n := len(p.read_text().splitlines())) > 300}
+    assert big == {}
