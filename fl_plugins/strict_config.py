@@ -8,6 +8,9 @@ Base layer: standard library only. A config is a ``@dataclass`` (frozen or not) 
   wrong kind that the dataclass itself rejects (a ``TypeError`` from ``__init__``) becomes a ``ValueError`` naming
   the section. Sub-classes adapt values first in :meth:`StrictConfig._coerce` (a nested dict -> its config, a list
   -> a tuple): one hook instead of a hand-written ``from_dict`` per config.
+* a required field (no default) that ``d`` lacks is a ``ValueError`` naming it before ``__init__`` runs
+  (``fine-tuning settings need 'model' (a build_model config dict)``); the text in brackets is the field's
+  ``metadata["what"]`` (``model: dict = field(metadata={"what": "a build_model config dict"})``), if any.
 * :meth:`StrictConfig.to_dict`: the plain-dict form that round-trips through ``from_dict`` (tuples become lists,
   nested configs their own ``to_dict``).
 
@@ -21,7 +24,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["StrictConfig", "config_fields"]
+__all__ = ["StrictConfig", "config_fields", "required_fields"]
 
 C = TypeVar("C", bound="StrictConfig")
 
@@ -29,6 +32,12 @@ C = TypeVar("C", bound="StrictConfig")
 def config_fields(cls: type) -> list[str]:
     """The init fields of the dataclass ``cls``, in declaration order."""
     return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def required_fields(cls: type) -> list[str]:
+    """The init fields of the dataclass ``cls`` without a default (nor a default factory), in declaration order."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 class StrictConfig:
@@ -53,10 +62,15 @@ class StrictConfig:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown {cls.SECTION} setting(s) {unknown}; known: {sorted(known)}")
+        missing = [name for name in required_fields(cls) if name not in d]
+        if missing:
+            what = {f.name: f.metadata.get("what") for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+            named = ", ".join(f"{name!r}" + (f" ({what[name]})" if what[name] else "") for name in missing)
+            raise ValueError(f"{cls.SECTION} settings need {named}")
         values = cls._coerce(dict(d))
         try:
             return cls(**values)
-        except TypeError as e:  # e.g. a missing required field
+        except TypeError as e:  # e.g. a value the dataclass cannot take
             raise ValueError(f"{cls.SECTION} settings: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ from fl_plugins.engine.method import MethodBase
 from fl_plugins.engine.metrics import ClassificationMetric, SegmentationMetric
 from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.models.factory import TASK_OF_ARCH, build_model
+from fl_plugins.strict_config import StrictConfig
 
 __all__ = [
     "augment_flip_rot90",
@@ -135,8 +136,9 @@ def non_federated_regex(model: nn.Module) -> str | None:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Local fine-tuning settings (immutable; build from JSON with :meth:`from_dict`).
+class FinetuneConfig(StrictConfig):
+    """Local fine-tuning settings (immutable; build from JSON with :meth:`from_dict`, strict as every
+    :class:`~fl_plugins.strict_config.StrictConfig`, section ``"fine-tuning"``; ``model`` is required).
 
     Defaults and their sources ([V] verified recipe, [R] project choice, see methods-spec 0.1):
 
@@ -168,7 +170,9 @@ class FinetuneConfig:
         device: torch device, "cpu" [R: the project's CI machines have no GPU].
     """
 
-    model: dict
+    SECTION = "fine-tuning"
+
+    model: dict = field(metadata={"what": "a build_model config dict"})
     task: str = "segmentation"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -224,26 +228,11 @@ class FinetuneConfig:
             raise bad("grad_clip", "must be > 0 or null")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FinetuneConfig:
-        """Build from a plain dict (e.g. a job's JSON).
-
-        Raises:
-            ValueError: unknown keys (named, with the list of known ones), missing ``model``, invalid values.
-        """
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown fine-tuning setting(s) {unknown}; known: {known}")
-        if "model" not in d:
-            raise ValueError("fine-tuning settings need 'model' (a build_model config dict)")
-        d = dict(d)
-        if isinstance(d["model"], Mapping):
-            d["model"] = copy.deepcopy(dict(d["model"]))  # no aliasing of the caller's (job's) dict
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        """Plain-dict form (round-trips through :meth:`from_dict`)."""
-        return asdict(self)
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``model``: a deep copy of the given dict (no aliasing of the caller's, i.e. the job's, settings)."""
+        if isinstance(d.get("model"), Mapping):
+            d["model"] = copy.deepcopy(dict(d["model"]))
+        return d
 
     def lr_at(self, global_step: int) -> float:
         """LR of ``global_step`` (pure function; the warm-up convention of :mod:`fl_plugins.core.schedules`).

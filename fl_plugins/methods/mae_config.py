@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fl_plugins.core.mim import check_mask_ratio, grid_shape
 from fl_plugins.core.schedules import cosine_with_warmup, linear_warmup_then_constant
 from fl_plugins.models.backbone import BackboneSpec
+from fl_plugins.strict_config import StrictConfig
 
 __all__ = ["MAEConfig", "VARIANTS"]
 
@@ -52,8 +53,10 @@ def _pair(name: str, value: Any) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class MAEConfig:
-    """Settings of MAE (``variant="mae"``, 2D or 3D) and SimMIM (``variant="simmim"``, 2D).
+class MAEConfig(StrictConfig):
+    """Settings of MAE (``variant="mae"``, 2D or 3D) and SimMIM (``variant="simmim"``, 2D); strict ``from_dict`` /
+    ``to_dict`` from :class:`~fl_plugins.strict_config.StrictConfig` (section ``"mae"``; ``to_dict`` writes pairs
+    as lists and the backbone as its dict).
 
     Attributes:
         variant: "mae" [V He et al. 2022] (project default, methods-spec 4.2 "Project default: MAE") or "simmim"
@@ -95,6 +98,8 @@ class MAEConfig:
         batch_size: local batch per step, 32 [R] (4096 MAE / 2048 SimMIM effective [V]).
         seed: model init and (mixed with the site name by the handler) masks and augmentations.
     """
+
+    SECTION = "mae"
 
     variant: Variant = "mae"
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
@@ -207,15 +212,3 @@ class MAEConfig:
         if self.total_steps is None:
             return linear_warmup_then_constant(step, self.warmup_steps, 0.0, self.lr)
         return cosine_with_warmup(step, self.total_steps, self.warmup_steps, self.lr, self.lr * self.min_lr_ratio)
-
-    # ---- (de)serialisation -----------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MAEConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown mae setting(s) {unknown}; known: {known}")
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

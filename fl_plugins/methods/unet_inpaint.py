@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.finetune import augment_flip_rot90
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.models.unet import UNET_DEFAULTS, build_unet
+from fl_plugins.strict_config import StrictConfig
 
 __all__ = ["InpaintConfig", "UNetInpaintMethod", "build_inpainting_unet"]
 
@@ -61,8 +62,9 @@ def build_inpainting_unet(unet: Mapping[str, Any]) -> UNet:
 
 
 @dataclass(frozen=True)
-class InpaintConfig:
-    """Settings of U-Net masked inpainting ([V] de Mooij et al. 2024; [R] project choice for 64 px CPU runs).
+class InpaintConfig(StrictConfig):
+    """Settings of U-Net masked inpainting ([V] de Mooij et al. 2024; [R] project choice for 64 px CPU runs); strict
+    ``from_dict`` / ``to_dict`` from :class:`~fl_plugins.strict_config.StrictConfig` (section ``"unet_inpaint"``).
 
     Attributes:
         unet: ``build_unet`` settings other than ``num_classes`` (must equal the fine-tuning job's ``model``
@@ -81,6 +83,8 @@ class InpaintConfig:
         aug_flip, aug_rot90: the fine-tuning job's augmentations.
         seed: model init and (mixed with the site name by the handler) masks and augmentations.
     """
+
+    SECTION = "unet_inpaint"
 
     unet: dict = field(default_factory=dict)
     image_size: int = 64
@@ -116,15 +120,9 @@ class InpaintConfig:
             raise bad("total_steps", "must be >= 1 or None")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> InpaintConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown unet_inpaint setting(s) {unknown}; known: {known}")
-        return cls(**{**d, "unet": dict(d.get("unet") or {})})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``unet``: a copy of the given settings (absent or null -> ``{}``, the fine-tuning defaults)."""
+        return {**d, "unet": dict(d.get("unet") or {})}
 
 
 class UNetInpaintMethod(MethodBase):

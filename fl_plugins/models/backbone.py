@@ -10,12 +10,14 @@ same :class:`BackboneSpec`, and timm itself can load it::
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+from fl_plugins.strict_config import StrictConfig
 
 __all__ = ["BackboneSpec", "create_backbone", "load_backbone_state", "read_state_dict_file", "BackboneCheckpointError"]
 
@@ -27,12 +29,15 @@ class BackboneCheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
-    """Architecture of a timm ViT backbone.
+class BackboneSpec(StrictConfig):
+    """Architecture of a timm ViT backbone; strict ``from_dict`` / ``to_dict`` from
+    :class:`~fl_plugins.strict_config.StrictConfig` (section ``"backbone"``).
 
     Defaults are the CPU-scale setting of methods-spec 9.3 [R]: ViT-tiny width (192-d, 3 heads, timm
     ``vit_tiny_patch16_224``), patch 8 at 64x64 pixels (64 tokens), 6 blocks.
     """
+
+    SECTION = "backbone"
 
     name: str = "vit_tiny_patch16_224"
     img_size: int = 64
@@ -67,16 +72,6 @@ class BackboneSpec:
             "num_classes": 0,  # no classifier: forward() returns the pooled CLS embedding [B, D]
             "dynamic_img_size": True,  # multi-crop: local crops are smaller than global ones
         }
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BackboneSpec:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown backbone setting(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
 
 
 def create_backbone(spec: BackboneSpec) -> nn.Module:

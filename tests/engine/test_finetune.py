@@ -251,6 +251,17 @@ def test_config_from_dict_rejects_bad_settings(d: dict, named: str) -> None:
         FinetuneConfig.from_dict(d)
 
 
+def test_config_from_dict_names_missing_model_and_copies_it() -> None:
+    with pytest.raises(ValueError, match=r"^fine-tuning settings need 'model' \(a build_model config dict\)$"):
+        FinetuneConfig.from_dict({"lr": 1e-3})
+    with pytest.raises(ValueError, match=r"^unknown fine-tuning setting\(s\) \['bs'\]; known: \['aug_flip', "):
+        FinetuneConfig.from_dict({"bs": 2})  # unknown keys are named before a missing model
+    model = {"arch": "unet", "num_classes": 3, "channels": [4, 8]}
+    cfg = FinetuneConfig.from_dict({"model": model})
+    model["channels"].append(16)  # the caller's (job's) dict is not aliased, nested lists included
+    assert cfg.model == {"arch": "unet", "num_classes": 3, "channels": [4, 8]}
+
+
 def test_config_round_trip() -> None:
     cfg = seg_config(total_steps=40, warmup_steps=2)
     assert FinetuneConfig.from_dict(cfg.to_dict()) == cfg

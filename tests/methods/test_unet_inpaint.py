@@ -95,3 +95,15 @@ def test_3d_config_trains_on_volumes():
 def test_2d_method_refuses_other_inputs(shape):
     with pytest.raises(ValueError, match=r"unet_inpaint \(2D, image_size=32\) takes images \[B, C, 32, 32\]"):
         make().training_step({"image": torch.zeros(shape)}, 0, torch.Generator().manual_seed(0))
+
+
+def test_config_is_strict_and_round_trips():
+    with pytest.raises(ValueError, match=r"^unknown unet_inpaint setting\(s\) \['mask'\]; known: \['aug_flip', "):
+        InpaintConfig.from_dict({"mask": 0.5})
+    assert InpaintConfig.from_dict({"unet": None}).unet == {}  # null -> the fine-tuning U-Net defaults
+    unet = dict(TINY_UNET)
+    c = InpaintConfig.from_dict({"unet": unet, "mask_ratio": 0.5})
+    unet["num_res_units"] = 2  # a copy: the job's dict is not aliased
+    assert c.unet == TINY_UNET and InpaintConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match=r"unet_inpaint setting 'loss'='l2': must be 'mse' or 'l1'"):
+        InpaintConfig.from_dict({"loss": "l2"})

@@ -215,3 +215,15 @@ def test_vit_classifier_of_volumes_runs_the_2d_backbone_over_slices() -> None:
 def test_vit_classifier_dims_settings_are_checked(cfg: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         build_model(cfg)
+
+
+def test_backbone_spec_is_strict_and_round_trips() -> None:
+    from fl_plugins.models.backbone import BackboneSpec
+
+    with pytest.raises(ValueError, match=r"^unknown backbone setting\(s\) \['width'\]; known: \['depth', "):
+        BackboneSpec.from_dict({"width": 3})
+    spec = BackboneSpec.from_dict({"img_size": 32, "depth": 2})
+    assert (spec.img_size, spec.depth, spec.patch_size) == (32, 2, 8)
+    assert BackboneSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match=r"img_size=30 must be a positive multiple of patch_size=8"):
+        BackboneSpec.from_dict({"img_size": 30})
