@@ -28,7 +28,7 @@ import copy
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,22 +41,56 @@ from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.models.backbones import build_backbone
 from fl_plugins.models.unet import UNET_DEFAULTS
+from fl_plugins.strict_config import StrictConfig
 
 __all__ = ["FCLConfig", "FCLMethod", "SliceContrastSettings", "augment_view"]
 
 
-class SliceContrastSettings:
-    """What the settings of the slice-contrastive methods (``fcl``, ``fclopt``) share: validation of the common
-    fields, ``from_dict`` / ``to_dict`` and the backbone settings with the U-Net defaults. Subclasses are frozen
-    dataclasses with the fields named here and set :attr:`SECTION` (the name in messages)."""
+@dataclass(frozen=True)
+class SliceContrastSettings(StrictConfig):
+    """What the settings of the slice-contrastive methods (``fcl``, ``fclopt``) share: the fields below (backbone,
+    slices, batches, augmentations, optimiser), their validation (:meth:`check_common`), the strict ``from_dict`` /
+    ``to_dict`` of :class:`~fl_plugins.strict_config.StrictConfig` and the backbone settings with the U-Net defaults.
+    Subclasses are frozen dataclasses that add their method's fields and set :attr:`SECTION` (the name in messages).
+
+    Attributes:
+        backbone: :func:`~fl_plugins.models.backbones.build_backbone` settings; default ``kind = "unet_encoder"``
+            with ``finetune_seg_unet``'s U-Net settings (they must equal the fine-tuning job's ``model`` for the
+            export to load); ``{"kind": "vit", ...}`` for a timm ViT (2D).
+        image_size: side of the training slices, 64 [R] (the fine-tuning job's default).
+        num_partitions: ``S``, 4 [V 7.2].
+        volumes_per_batch: ``V``; a batch is ``V * S`` slices, 8 x 4 = 32 [R].
+        crop_scale: area range of the random resized crop, (0.6, 1.0) [R: mild, a slice's position must survive].
+        intensity: maximal relative intensity scale/shift jitter, 0.2 [R].
+        lr, min_lr_ratio, warmup_steps, total_steps: AdamW 3e-4 [R: GCL used 1e-3 [V]; at batch 32, 64 px on
+            ACDC 1e-3 drove the FCL features to near-collapse (cosine 0.99 between all slices) while 3e-4 separated
+            the partitions slowly (same 0.964 / other 0.936 after 120 steps)] with cosine decay to
+            ``lr * min_lr_ratio`` over ``total_steps`` global steps (None = the job's horizon).
+        weight_decay: 1e-5 [V positional_cl].
+        seed: model init; the handler draws data and augmentation from the site's own seed.
+    """
 
     SECTION = "?"
+
+    backbone: dict = field(default_factory=lambda: {"kind": "unet_encoder"})
+    image_size: int = 64
+    num_partitions: int = 4
+    volumes_per_batch: int = 8
+    crop_scale: tuple = (0.6, 1.0)
+    intensity: float = 0.2
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    weight_decay: float = 1e-5
+    seed: int = 0
 
     def _bad(self, name: str, why: str) -> ValueError:
         return ValueError(f"{self.SECTION} setting {name!r}={getattr(self, name)!r}: {why}")
 
     def check_common(self, positive_ints: tuple[str, ...], volumes_why: str) -> None:
-        """Raise ``ValueError`` naming the setting for a bad shared value."""
+        """Raise ``ValueError`` naming the setting for a bad shared value (and for a non-positive-int setting named
+        in ``positive_ints``)."""
         for name in ("image_size", "num_partitions", *positive_ints):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -78,22 +112,14 @@ class SliceContrastSettings:
             raise self._bad("backbone", "must be a dict of build_backbone settings")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown {cls.SECTION} setting(s) {unknown}; known: {known}")
-        d = dict(d)
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``backbone``: ``kind`` defaults to ``"unet_encoder"`` (null -> the default backbone); ``crop_scale``: a
+        tuple."""
         if "backbone" in d:
             d["backbone"] = {"kind": "unet_encoder", **dict(d["backbone"] or {})}
         if "crop_scale" in d:
             d["crop_scale"] = tuple(d["crop_scale"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)  # type: ignore[call-overload]
-        out["crop_scale"] = list(self.crop_scale)
-        return out
+        return d
 
     def backbone_settings(self) -> dict[str, Any]:
         """The backbone's ``build_backbone`` settings with the U-Net defaults filled in (``unet_encoder``)."""
@@ -107,12 +133,11 @@ class SliceContrastSettings:
 class FCLConfig(SliceContrastSettings):
     """Settings of FCL ([V] methods-spec 7.2-7.6 where marked; [R] reconstruction or CPU-scale choice).
 
+    The shared fields (``backbone``, ``image_size``, ``num_partitions``, ``volumes_per_batch``, ``crop_scale``,
+    ``intensity``, ``lr``, ``min_lr_ratio``, ``warmup_steps``, ``total_steps``, ``weight_decay``, ``seed``) and
+    their defaults are :class:`SliceContrastSettings`'s.
+
     Attributes:
-        backbone: :func:`~fl_plugins.models.backbones.build_backbone` settings; default ``kind = "unet_encoder"``
-            with ``finetune_seg_unet``'s U-Net settings (they must equal the fine-tuning job's ``model`` for the
-            export to load); ``{"kind": "vit", ...}`` for a timm ViT (2D).
-        image_size: side of the training slices, 64 [R] (the fine-tuning job's default).
-        num_partitions: ``S``, 4 [V 7.2].
         proj_dim: ``D_f``, 128 [R 7.3].
         temperature: ``tau``, 0.1 [V group code default].
         num_negatives: ``K`` per query, 512 [R 7.5: 512-4096; the low end for a CPU-sized bank].
@@ -122,38 +147,17 @@ class FCLConfig(SliceContrastSettings):
             every slice's feature collapsed to one point within 40 steps).
         momentum_reset: re-initialise the momentum encoder from the received global model every round [R 7.6
             default]; False keeps it on the site (site state).
-        volumes_per_batch: ``V``; a batch is ``V * S`` slices, 8 x 4 = 32 [R].
         batch_negatives: the batch's other-partition keys are negatives too [R, not in the paper's equations]:
             without them the encoder learns "computed in this batch" (BatchNorm statistics) instead of anatomy --
             on ACDC the loss rose above chance and the features collapsed (cosine 0.999 between all slices).
-        crop_scale: area range of the random resized crop, (0.6, 1.0) [R: mild, a slice's position must survive].
-        intensity: maximal relative intensity scale/shift jitter, 0.2 [R].
-        lr, min_lr_ratio, warmup_steps, total_steps: AdamW 3e-4 [R: GCL used 1e-3 [V]; at batch 32, 64 px on
-            ACDC 1e-3 drove the features to near-collapse (cosine 0.99 between all slices) while 3e-4 separated the
-            partitions slowly (same 0.964 / other 0.936 after 120 steps)] with cosine decay to
-            ``lr * min_lr_ratio`` over ``total_steps`` global steps (None = the job's horizon).
-        weight_decay: 1e-5 [V positional_cl].
-        seed: model init; the handler draws data and augmentation from the site's own seed.
     """
 
-    backbone: dict = field(default_factory=lambda: {"kind": "unet_encoder"})
-    image_size: int = 64
-    num_partitions: int = 4
     proj_dim: int = 128
     temperature: float = 0.1
     num_negatives: int = 512
     momentum: float = 0.999
     momentum_reset: bool = True
-    volumes_per_batch: int = 8
     batch_negatives: bool = True
-    crop_scale: tuple = (0.6, 1.0)
-    intensity: float = 0.2
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.01
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    weight_decay: float = 1e-5
-    seed: int = 0
 
     SECTION = "fcl"
 

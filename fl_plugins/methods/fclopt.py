@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,39 +58,26 @@ PREDICTOR_PREFIX = "predictor."
 class FCLOptConfig(SliceContrastSettings):
     """Settings of FCLOpt ([R] throughout: methods-spec 7.8 reconstruction; sizes for 64 px CPU runs).
 
+    The shared fields (``backbone``: default the ``finetune_seg_unet`` U-Net encoder; ``image_size`` 64;
+    ``num_partitions`` ``S`` = 4; ``volumes_per_batch`` ``V`` = 8, batch ``V * S`` = 32; the augmentations
+    ``crop_scale``, ``intensity``; AdamW 3e-4 cosine ``lr``, ``min_lr_ratio``, ``warmup_steps``, ``total_steps``,
+    ``weight_decay`` 1e-5; ``seed``: model init) and their defaults are
+    :class:`~fl_plugins.methods.fcl.SliceContrastSettings`'s, as for FCL.
+
     Attributes:
-        backbone: ``build_backbone`` settings (default the ``finetune_seg_unet`` U-Net encoder).
-        image_size: slice side, 64.
-        num_partitions: ``S``, 4 (as FCL).
         proj_hidden_dim, proj_dim, pred_hidden_dim: BYOL heads, 512 / 128 / 512 [R: BYOL's 4096 / 256 / 4096
             scaled to a 256-channel encoder].
         target_momentum: ``m``, 0.99 [R 7.8: 0.99-0.996].
         target_mode: ``"fedavg"`` or ``"ptnu"`` (module docstring).
         local_predictor: keep the predictor on the site instead of averaging it (module docstring), default False.
-        volumes_per_batch: ``V``, 8 (batch ``V * S`` = 32).
-        crop_scale, intensity: augmentations (as FCL).
-        lr, min_lr_ratio, warmup_steps, total_steps, weight_decay: AdamW 3e-4 cosine (as FCL), WD 1e-5.
-        seed: model init.
     """
 
-    backbone: dict = field(default_factory=lambda: {"kind": "unet_encoder"})
-    image_size: int = 64
-    num_partitions: int = 4
     proj_hidden_dim: int = 512
     proj_dim: int = 128
     pred_hidden_dim: int = 512
     target_momentum: float = 0.99
     target_mode: str = "fedavg"
     local_predictor: bool = False
-    volumes_per_batch: int = 8
-    crop_scale: tuple = (0.6, 1.0)
-    intensity: float = 0.2
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.01
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    weight_decay: float = 1e-5
-    seed: int = 0
 
     SECTION = "fclopt"
 

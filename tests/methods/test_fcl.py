@@ -120,6 +120,33 @@ def test_setting_errors_name_the_setting(settings, match):
         FCLConfig.from_dict(settings)
 
 
+#: the settings both slice-contrastive methods share (fields of SliceContrastSettings) and their defaults
+SHARED = {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "num_partitions": 4, "volumes_per_batch": 8,
+          "crop_scale": [0.6, 1.0], "intensity": 0.2, "lr": 3e-4, "min_lr_ratio": 0.01, "warmup_steps": 0,
+          "total_steps": None, "weight_decay": 1e-5, "seed": 0}
+
+
+def test_default_settings_of_fcl_and_fclopt_are_pinned_and_share_the_base_fields():
+    from fl_plugins.methods.fcl import SliceContrastSettings
+    from fl_plugins.methods.fclopt import FCLOptConfig
+    from fl_plugins.strict_config import config_fields
+
+    assert config_fields(SliceContrastSettings) == list(SHARED)
+    assert FCLConfig().to_dict() == {**SHARED, "proj_dim": 128, "temperature": 0.1, "num_negatives": 512,
+                                     "momentum": 0.999, "momentum_reset": True, "batch_negatives": True}
+    assert FCLOptConfig().to_dict() == {**SHARED, "proj_hidden_dim": 512, "proj_dim": 128, "pred_hidden_dim": 512,
+                                        "target_momentum": 0.99, "target_mode": "fedavg", "local_predictor": False}
+    for cls in (FCLConfig, FCLOptConfig):
+        c = cls.from_dict({"backbone": {"channels": [4, 8]}, "crop_scale": [0.5, 1.0]})
+        assert c.backbone == {"kind": "unet_encoder", "channels": [4, 8]} and c.crop_scale == (0.5, 1.0)
+        assert cls.from_dict(c.to_dict()) == c
+        assert cls.from_dict({"backbone": None}).backbone == {"kind": "unet_encoder"}
+    with pytest.raises(ValueError, match=r"^unknown fclopt setting\(s\) \['temperature'\]"):
+        FCLOptConfig.from_dict({"temperature": 0.1})
+    with pytest.raises(ValueError, match=r"^fclopt setting 'intensity'=1.0: must be in \[0, 1\)"):
+        FCLOptConfig.from_dict({"intensity": 1.0})
+
+
 def test_step_without_bank_and_wrong_image_size_are_refused():
     m = make()
     with pytest.raises(RuntimeError, match="before set_bank"):
