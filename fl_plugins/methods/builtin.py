@@ -1,4 +1,8 @@
-"""The package's own methods, registered under their public names (imported by the registry on first use).
+"""The package's own methods: one row each in :data:`BUILTIN_METHODS`, which the registry reads and registers.
+
+The registry imports this module, never the other way round (no import circle): every builder is named by a
+``"module:attribute"`` string that the registry imports on first use, so no method module is imported before it
+is needed. Adding a method is one row.
 
 ======== =========================================== ================================================================
 name     config                                      batches
@@ -13,80 +17,61 @@ inpaint  InpaintConfig` fields                       and masks drawn in the step
 mae      :class:`~fl_plugins.methods.mae_config.     the image itself ``{"image": [B, C, *spatial]}``; crops, flips
          MAEConfig` fields (``variant``: mae or      and masks drawn in the step (MAE 2D/3D, SimMIM 2D)
          simmim)
+fcl      :class:`~fl_plugins.methods.fcl.FCLConfig`  partition batches from the fcl task handler
+fclopt   :class:`~fl_plugins.methods.fclopt.         partition batches from the fclopt task handler
+         FCLOptConfig`
 ======== =========================================== ================================================================
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from fl_plugins.methods.registry import register_method
-
-__all__: list[str] = []
+__all__ = ["BUILTIN_METHODS", "BuiltinMethod"]
 
 
-def _build_dino(config: dict[str, Any]) -> Any:
-    from fl_plugins.methods.dino import DINOConfig, DINOMethod
+class BuiltinMethod(NamedTuple):
+    """One built-in method (a row of :data:`BUILTIN_METHODS`).
 
-    try:
-        return DINOMethod(DINOConfig.from_dict(dict(config)))
-    except TypeError as e:  # an unknown field: DINOConfig names it
-        raise ValueError(f"dino settings: {e}") from e
+    Attributes:
+        builder: with ``config``: ``"module:MethodClass"``, built as ``MethodClass(ConfigClass.from_dict(d))``;
+            without: ``"module:function"`` or a callable, config dict -> method.
+        config: ``"module:ConfigClass"`` (a class with a strict ``from_dict``), or None.
+        description: one line for listings.
+        views: ``"module:function"`` or a callable ``(method.config, view_settings) -> (transform, collate)``
+            (:class:`~fl_plugins.methods.registry.MethodSpec`); None = the image itself.
+    """
+
+    builder: str | Callable[[dict[str, Any]], Any]
+    config: str | None
+    description: str
+    views: str | Callable[[Any, dict[str, Any]], tuple[Any, Any]] | None = None
 
 
 def _dino_views(config: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
+    """DINO's multi-crop views: ``config.training_views(settings)`` -> transform, :func:`multicrop_collate`."""
     from fl_plugins.data.views import MultiCropTransform, multicrop_collate
 
     return MultiCropTransform(config.training_views(settings)), multicrop_collate
 
 
-def _build_finetune(config: dict[str, Any]) -> Any:
-    from fl_plugins.engine.finetune import FinetuneConfig, FinetuneMethod
-
-    return FinetuneMethod(FinetuneConfig.from_dict(dict(config)))
-
-
-def _build_unet_inpaint(config: dict[str, Any]) -> Any:
-    from fl_plugins.methods.unet_inpaint import InpaintConfig, UNetInpaintMethod
-
-    return UNetInpaintMethod(InpaintConfig.from_dict(dict(config)))
-
-
-register_method("dino", _build_dino, views=_dino_views,
-                description="DINO / DINOv2 self-distillation (student, EMA teacher, centres; modes A/B/C)")
-register_method("finetune", _build_finetune,
-                description="supervised fine-tuning (segmentation or classification) of a build_model network")
-register_method("unet_inpaint", _build_unet_inpaint,
-                description="masked inpainting of the whole segmentation U-Net (2D/3D; MSE on masked pixels)")
-
-
-def _build_mae(config: dict[str, Any]) -> Any:
-    from fl_plugins.methods.mae import MAEConfig, MAEMethod
-
-    return MAEMethod(MAEConfig.from_dict(dict(config)))
-
-
-register_method("mae", _build_mae,
-                description="masked image modelling of a ViT: MAE (2D timm / 3D MONAI) or SimMIM (2D)")
-
-
-def _build_fcl(config: dict[str, Any]) -> Any:
-    from fl_plugins.methods.fcl import FCLConfig, FCLMethod
-
-    return FCLMethod(FCLConfig.from_dict(dict(config)))
-
-
-register_method("fcl", _build_fcl,
-                description="federated contrastive learning with feature exchange and global structural matching "
-                "(U-Net encoder; batches of partitions from the fcl task handler)")
-
-
-def _build_fclopt(config: dict[str, Any]) -> Any:
-    from fl_plugins.methods.fclopt import FCLOptConfig, FCLOptMethod
-
-    return FCLOptMethod(FCLOptConfig.from_dict(dict(config)))
-
-
-register_method("fclopt", _build_fclopt,
-                description="FCLOpt: BYOL-style federated contrastive learning without negatives, structural "
-                "positives (target averaged, or predicted by PTNU); reconstructed from the abstract")
+#: name -> row; the registry registers every row under its name when it is imported.
+BUILTIN_METHODS: dict[str, BuiltinMethod] = {
+    "dino": BuiltinMethod("fl_plugins.methods.dino:DINOMethod", "fl_plugins.methods.dino:DINOConfig",
+                          "DINO / DINOv2 self-distillation (student, EMA teacher, centres; modes A/B/C)",
+                          views=_dino_views),
+    "finetune": BuiltinMethod("fl_plugins.engine.finetune:FinetuneMethod", "fl_plugins.engine.finetune:FinetuneConfig",
+                              "supervised fine-tuning (segmentation or classification) of a build_model network"),
+    "unet_inpaint": BuiltinMethod("fl_plugins.methods.unet_inpaint:UNetInpaintMethod",
+                                  "fl_plugins.methods.unet_inpaint:InpaintConfig",
+                                  "masked inpainting of the whole segmentation U-Net (2D/3D; MSE on masked pixels)"),
+    "mae": BuiltinMethod("fl_plugins.methods.mae:MAEMethod", "fl_plugins.methods.mae_config:MAEConfig",
+                         "masked image modelling of a ViT: MAE (2D timm / 3D MONAI) or SimMIM (2D)"),
+    "fcl": BuiltinMethod("fl_plugins.methods.fcl:FCLMethod", "fl_plugins.methods.fcl:FCLConfig",
+                         "federated contrastive learning with feature exchange and global structural matching "
+                         "(U-Net encoder; batches of partitions from the fcl task handler)"),
+    "fclopt": BuiltinMethod("fl_plugins.methods.fclopt:FCLOptMethod", "fl_plugins.methods.fclopt:FCLOptConfig",
+                            "FCLOpt: BYOL-style federated contrastive learning without negatives, structural "
+                            "positives (target averaged, or predicted by PTNU); reconstructed from the abstract"),
+}
