@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,66 @@ def _check_common(num_sites: Any, labelled_per_site: Any) -> None:
 def _write_json(obj: Any, path: Path) -> Path:
     atomic_write_json(obj, path, indent=1, sort_keys=True)
     return path
+
+
+def _write_split(out_dir: str | Path, sites: Iterable[tuple[dict[str, Any], dict[str, Any]]],
+                 summary: Mapping[str, Any]) -> list[Path]:
+    """The tail of every splitter: write each site's datalist to ``<out_dir>/<site>/datalist.json`` as ``sites``
+    yields it (``(datalist, the site's summary)``; the datalist's ``site`` names the folder), then
+    ``<out_dir>/split_summary.json`` = ``summary`` + ``"sites"`` (site -> its summary).
+
+    ``sites`` may be a generator that raises for a later site: the datalists of the sites before it are written
+    then, the summary is not.
+
+    Returns:
+        The datalist paths in the order of ``sites``.
+
+    Raises:
+        ValueError: two datalists of the same site.
+    """
+    out = Path(out_dir)
+    paths, summary_sites = [], {}
+    for dl, site_summary in sites:
+        site = dl["site"]
+        if site in summary_sites:
+            raise ValueError(f"split: site {site!r} is written twice")
+        paths.append(write_datalist(dl, out / site / DATALIST_NAME))
+        summary_sites[site] = site_summary
+    _write_json({**summary, "sites": summary_sites}, out / SUMMARY_NAME)
+    return paths
+
+
+def _check_labelled(labelled_per_site: int | None, n_train: int, what: str, site: str, num_sites: int,
+                    src: Path) -> None:
+    """``DataError`` when ``labelled_per_site`` exceeds a site's ``n_train`` training ``what`` (patients, images)."""
+    if labelled_per_site is not None and labelled_per_site > n_train:
+        raise DataError(f"labelled_per_site={labelled_per_site} exceeds the {n_train} training {what} of {site} "
+                        f"(num_sites={num_sites}, {str(src)!r})")
+
+
+def _draw_labelled(train_ids: list[str], labelled_per_site: int | None, rng: np.random.Generator) -> set[str]:
+    """The training groups flagged ``"labelled": true``: all (None), else ``labelled_per_site`` drawn with ``rng``."""
+    if labelled_per_site is None:
+        return set(train_ids)
+    return {train_ids[j] for j in rng.permutation(len(train_ids))[:labelled_per_site]}
+
+
+def _section_rows(ids: Mapping[str, list[str]], groups: Mapping[str, list[dict[str, Any]]], sort_key: str,
+                  labelled: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The ``training`` / ``validation`` / ``test`` rows of a site: every entry of each group of ``ids[section]``
+    (a copy; a group's entries in ``sort_key`` order), training rows flagged ``"labelled"`` (group in
+    ``labelled``)."""
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for s in ("training", "validation", "test"):
+        rows = []
+        for pid in ids[s]:
+            for e in sorted(groups[pid], key=lambda x: x[sort_key]):
+                row = dict(e)
+                if s == "training":
+                    row["labelled"] = pid in labelled
+                rows.append(row)
+        sections[s] = rows
+    return sections
 
 
 def _load_dataset_json(dataset_json: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -235,49 +296,24 @@ def split_decathlon(
     pooled = {pid: ents for g in groups.values() for pid, ents in g.items()}
 
     labels, num_classes = _decathlon_labels(ds, src)
-    out = Path(out_dir)
-    paths, summary_sites = [], {}
-    for si in range(num_sites):
-        site = site_name(si)
-        train_ids = site_ids["training"][si]
-        if labelled_per_site is not None and labelled_per_site > len(train_ids):
-            raise DataError(f"labelled_per_site={labelled_per_site} exceeds the {len(train_ids)} training "
-                            f"patients of {site} (num_sites={num_sites}, {str(src)!r})")
-        if labelled_per_site is None:
-            labelled = set(train_ids)
-        else:
-            labelled = {train_ids[j] for j in rng.permutation(len(train_ids))[:labelled_per_site]}
-        dl_sections: dict[str, list[dict[str, Any]]] = {}
-        for s in ("training", "validation", "test"):
-            rows = []
-            for pid in site_ids[s][si]:
-                for e in sorted(pooled[pid], key=lambda x: x["image"]):
-                    row = dict(e)
-                    if s == "training":
-                        row["labelled"] = pid in labelled
-                    rows.append(row)
-            dl_sections[s] = rows
-        dl = {
-            "format": "decathlon",
-            "dataset": dataset_name or str(ds.get("name", src.parent.name)).lower(),
-            "task": "segmentation",
-            "modality_preset": modality_preset,
-            "num_classes": num_classes,
-            "labels": labels,
-            "site": site,
-            "seed": int(seed),
-            "source": str(src),
-            **({"volumes": True} if volumes else {}),
-            **dl_sections,
-        }
-        paths.append(write_datalist(dl, out / site / DATALIST_NAME))
-        summary_sites[site] = {
-            "patients": {s: len(site_ids[s][si]) for s in dl_sections},
-            "volumes": {s: len(v) for s, v in dl_sections.items()},
-            "labelled_patients": len(labelled),
-            "labelled_volumes": sum(1 for e in dl_sections["training"] if e["labelled"]),
-        }
-    _write_json({
+
+    def sites() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for si in range(num_sites):
+            site = site_name(si)
+            train_ids = site_ids["training"][si]
+            _check_labelled(labelled_per_site, len(train_ids), "patients", site, num_sites, src)
+            labelled = _draw_labelled(train_ids, labelled_per_site, rng)
+            dl_sections = _section_rows({s: site_ids[s][si] for s in site_ids}, pooled, "image", labelled)
+            dl = _decathlon_datalist(site, ds, src, seed, dataset_name, modality_preset, num_classes, labels,
+                                     volumes, dl_sections)
+            yield dl, {
+                "patients": {s: len(site_ids[s][si]) for s in dl_sections},
+                "volumes": {s: len(v) for s, v in dl_sections.items()},
+                "labelled_patients": len(labelled),
+                "labelled_volumes": sum(1 for e in dl_sections["training"] if e["labelled"]),
+            }
+
+    return _write_split(out_dir, sites(), {
         "source": str(src),
         "format": "decathlon",
         "num_sites": num_sites,
@@ -288,9 +324,27 @@ def split_decathlon(
                        else "image file stem"),
         "predefined_sections": {s: predefined[s] for s in ("validation", "test")},
         "labelled_per_site": labelled_per_site,
-        "sites": summary_sites,
-    }, out / SUMMARY_NAME)
-    return paths
+    })
+
+
+def _decathlon_datalist(site: str, ds: dict[str, Any], src: Path, seed: int, dataset_name: str | None,
+                        modality_preset: str, num_classes: int, labels: dict[str, Any], volumes: bool,
+                        sections: dict[str, list[dict[str, Any]]], eval_only: bool = False) -> dict[str, Any]:
+    """A site's Decathlon datalist: the header fields, then ``sections`` (``eval_only``: ``"eval_only": true``)."""
+    return {
+        "format": "decathlon",
+        "dataset": dataset_name or str(ds.get("name", src.parent.name)).lower(),
+        "task": "segmentation",
+        "modality_preset": modality_preset,
+        "num_classes": num_classes,
+        "labels": labels,
+        "site": site,
+        "seed": int(seed),
+        "source": str(src),
+        **({"eval_only": True} if eval_only else {}),
+        **({"volumes": True} if volumes else {}),
+        **sections,
+    }
 
 
 def _too_few_message(site: str, n: int, src: str, carve: dict[str, int], num_sites: int, val_fraction: float,
@@ -316,21 +370,18 @@ def _split_decathlon_eval_only(src: Path, ds: dict[str, Any], sections: dict[str
                         f"every site needs at least one test case: use --sites {len(groups)} or fewer")
     site_ids, _ = _deal(sorted(groups), num_sites, np.random.default_rng(int(seed)), 0)
     labels, num_classes = _decathlon_labels(ds, src)
-    out = Path(out_dir)
-    paths, summary_sites = [], {}
-    for si in range(num_sites):
-        site = site_name(si)
-        rows = [dict(e) for pid in site_ids[si] for e in sorted(groups[pid], key=lambda x: x["image"])]
-        dl = {"format": "decathlon", "dataset": dataset_name or str(ds.get("name", src.parent.name)).lower(),
-              "task": "segmentation", "modality_preset": modality_preset, "num_classes": num_classes,
-              "labels": labels, "site": site, "seed": int(seed), "source": str(src), "eval_only": True,
-              **({"volumes": True} if volumes else {}), "training": [], "validation": [], "test": rows}
-        paths.append(write_datalist(dl, out / site / DATALIST_NAME))
-        summary_sites[site] = {"patients": {"training": 0, "validation": 0, "test": len(site_ids[si])},
-                               "volumes": {"training": 0, "validation": 0, "test": len(rows)}}
-    _write_json({"source": str(src), "format": "decathlon", "num_sites": num_sites, "seed": int(seed),
-                 "group_key": group_key, "eval_only": True, "sites": summary_sites}, out / SUMMARY_NAME)
-    return paths
+
+    def sites() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for si in range(num_sites):
+            site = site_name(si)
+            rows = [dict(e) for pid in site_ids[si] for e in sorted(groups[pid], key=lambda x: x["image"])]
+            dl = _decathlon_datalist(site, ds, src, seed, dataset_name, modality_preset, num_classes, labels,
+                                     volumes, {"training": [], "validation": [], "test": rows}, eval_only=True)
+            yield dl, {"patients": {"training": 0, "validation": 0, "test": len(site_ids[si])},
+                       "volumes": {"training": 0, "validation": 0, "test": len(rows)}}
+
+    return _write_split(out_dir, sites(), {"source": str(src), "format": "decathlon", "num_sites": num_sites,
+                                           "seed": int(seed), "group_key": group_key, "eval_only": True})
 
 
 def _decathlon_labels(ds: dict[str, Any], src: Path) -> tuple[dict[str, Any], int]:
@@ -390,47 +441,42 @@ def split_medmnist(
     rng = np.random.default_rng(int(seed))
     parts = {s: [np.sort(p) for p in np.array_split(rng.permutation(len(labels_all[s])), num_sites)]
              for s in ("train", "val", "test")}
-    out = Path(out_dir)
-    paths, summary_sites = [], {}
     section_of = {"train": "training", "val": "validation", "test": "test"}
-    for si in range(num_sites):
-        site = site_name(si)
-        train_idx = parts["train"][si]
-        if labelled_per_site is not None and labelled_per_site > len(train_idx):
-            raise DataError(f"labelled_per_site={labelled_per_site} exceeds the {len(train_idx)} training images "
-                            f"of {site} (num_sites={num_sites}, {str(src)!r})")
-        labelled = (set(train_idx.tolist()) if labelled_per_site is None
-                    else set(rng.choice(train_idx, size=labelled_per_site, replace=False).tolist()))
-        dl_sections: dict[str, list[dict[str, Any]]] = {}
-        for s, section in section_of.items():
-            rows = []
-            for i in parts[s][si].tolist():
-                row: dict[str, Any] = {"npz": str(src), "split": s, "index": i, "label": int(labels_all[s][i, 0])}
-                if s == "train":
-                    row["labelled"] = i in labelled
-                rows.append(row)
-            dl_sections[section] = rows
-        dl = {
-            "format": "medmnist",
-            "dataset": src.stem,
-            "task": "classification",
-            "modality_preset": "unit",
-            **({"rgb": True} if rgb else {}),
-            "num_classes": int(num_classes),
-            "labels": {str(c): str(c) for c in range(int(num_classes))},
-            "site": site,
-            "seed": int(seed),
-            "source": str(src),
-            **dl_sections,
-        }
-        paths.append(write_datalist(dl, out / site / DATALIST_NAME))
-        summary_sites[site] = {
-            "images": {s: len(v) for s, v in dl_sections.items()},
-            "labelled_images": len(labelled),
-        }
-    _write_json({"source": str(src), "format": "medmnist", "num_sites": num_sites, "seed": int(seed),
-                 "labelled_per_site": labelled_per_site, "sites": summary_sites}, out / SUMMARY_NAME)
-    return paths
+
+    def sites() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for si in range(num_sites):
+            site = site_name(si)
+            train_idx = parts["train"][si]
+            _check_labelled(labelled_per_site, len(train_idx), "images", site, num_sites, src)
+            labelled = (set(train_idx.tolist()) if labelled_per_site is None
+                        else set(rng.choice(train_idx, size=labelled_per_site, replace=False).tolist()))
+            dl_sections: dict[str, list[dict[str, Any]]] = {}
+            for s, section in section_of.items():
+                rows = []
+                for i in parts[s][si].tolist():
+                    row: dict[str, Any] = {"npz": str(src), "split": s, "index": i,
+                                           "label": int(labels_all[s][i, 0])}
+                    if s == "train":
+                        row["labelled"] = i in labelled
+                    rows.append(row)
+                dl_sections[section] = rows
+            dl = {
+                "format": "medmnist",
+                "dataset": src.stem,
+                "task": "classification",
+                "modality_preset": "unit",
+                **({"rgb": True} if rgb else {}),
+                "num_classes": int(num_classes),
+                "labels": {str(c): str(c) for c in range(int(num_classes))},
+                "site": site,
+                "seed": int(seed),
+                "source": str(src),
+                **dl_sections,
+            }
+            yield dl, {"images": {s: len(v) for s, v in dl_sections.items()}, "labelled_images": len(labelled)}
+
+    return _write_split(out_dir, sites(), {"source": str(src), "format": "medmnist", "num_sites": num_sites,
+                                           "seed": int(seed), "labelled_per_site": labelled_per_site})
 
 
 def _as_class_id(value: str) -> int | None:
@@ -663,49 +709,36 @@ def split_images_csv(
         sections_of.append({"validation": sorted(order[:v]), "test": sorted(order[v:v + t]),
                             "training": sorted(order[v + t:])})
 
-    out = Path(out_dir)
-    paths, summary_sites = [], {}
-    for si in range(num_sites):
-        site, secs = site_name(si), sections_of[si]
-        train_ids = secs["training"]
-        if labelled_per_site is not None and labelled_per_site > len(train_ids):
-            raise DataError(f"labelled_per_site={labelled_per_site} exceeds the {len(train_ids)} training {unit} of "
-                            f"{site} (num_sites={num_sites}, {str(src)!r})")
-        labelled = (set(train_ids) if labelled_per_site is None
-                    else {train_ids[j] for j in rng.permutation(len(train_ids))[:labelled_per_site]})
-        dl_sections: dict[str, list[dict[str, Any]]] = {}
-        for s in ("training", "validation", "test"):
-            section_rows = []
-            for pid in secs[s]:
-                for e in sorted(groups[pid], key=lambda x: x["csv_row"]):
-                    row = dict(e)
-                    if s == "training":
-                        row["labelled"] = pid in labelled
-                    section_rows.append(row)
-            dl_sections[s] = section_rows
-        dl = {
-            "format": "images",
-            "dataset": dataset_name or src.parent.name.lower(),
-            "task": task,
-            "modality_preset": modality_preset,
-            **({"rgb": True} if rgb else {}),
-            "num_classes": n_cls,
-            "labels": labels,
-            "site": site,
-            "seed": int(seed),
-            "source": str(src),
-            **({"eval_only": True} if eval_only else {}),
-            **dl_sections,
-        }
-        paths.append(write_datalist(dl, out / site / DATALIST_NAME))
-        summary_sites[site] = {
-            unit: {s: len(secs[s]) for s in secs},
-            "images": {s: len(v) for s, v in dl_sections.items()},
-            f"labelled_{unit}": len(labelled),
-            **({"classes": {s: {str(c): sum(1 for e in v if e["label"] == c) for c in range(n_cls)}
-                            for s, v in dl_sections.items()}} if task == "classification" else {}),
-        }
-    _write_json({
+    def sites() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for si in range(num_sites):
+            site, secs = site_name(si), sections_of[si]
+            train_ids = secs["training"]
+            _check_labelled(labelled_per_site, len(train_ids), unit, site, num_sites, src)
+            labelled = _draw_labelled(train_ids, labelled_per_site, rng)
+            dl_sections = _section_rows(secs, groups, "csv_row", labelled)
+            dl = {
+                "format": "images",
+                "dataset": dataset_name or src.parent.name.lower(),
+                "task": task,
+                "modality_preset": modality_preset,
+                **({"rgb": True} if rgb else {}),
+                "num_classes": n_cls,
+                "labels": labels,
+                "site": site,
+                "seed": int(seed),
+                "source": str(src),
+                **({"eval_only": True} if eval_only else {}),
+                **dl_sections,
+            }
+            yield dl, {
+                unit: {s: len(secs[s]) for s in secs},
+                "images": {s: len(v) for s, v in dl_sections.items()},
+                f"labelled_{unit}": len(labelled),
+                **({"classes": {s: {str(c): sum(1 for e in v if e["label"] == c) for c in range(n_cls)}
+                                for s, v in dl_sections.items()}} if task == "classification" else {}),
+            }
+
+    return _write_split(out_dir, sites(), {
         "source": str(src),
         "format": "images",
         "task": task,
@@ -718,6 +751,4 @@ def split_images_csv(
         "stratified_by_class": task == "classification",
         "eval_only": eval_only,
         "labelled_per_site": labelled_per_site,
-        "sites": summary_sites,
-    }, out / SUMMARY_NAME)
-    return paths
+    })

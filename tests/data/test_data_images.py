@@ -206,3 +206,21 @@ def test_csv_given_to_check_data_says_split_first(tmp_path, capsys):
     csv = _classification(tmp_path / "ds", n=4)
     assert flssl(["check-data", str(csv)]) == 2
     assert "is a CSV of labels, not a site datalist: run 'flssl split --dataset" in capsys.readouterr().err
+
+
+def test_labelled_per_site_flags_that_many_patients_and_too_many_is_named(tmp_path):
+    from fl_plugins.data import split_images_csv
+
+    csv = _classification(tmp_path / "ds", n=16)  # 8 patients of 2 images; per site of 2: 4, 1 val + 1 test
+    paths = split_images_csv(csv, tmp_path / "out", num_sites=2, seed=0, labelled_per_site=1)
+    summary = json.loads((tmp_path / "out" / "split_summary.json").read_text())
+    for p in paths:
+        dl = load_datalist(p)
+        labelled = {e["patient"] for e in dl["training"] if e["labelled"]}
+        assert len(labelled) == 1 and sum(e["labelled"] for e in dl["training"]) == 2  # both images of one patient
+        assert summary["sites"][dl["site"]]["labelled_patients"] == 1
+        assert summary["sites"][dl["site"]]["patients"]["training"] == 2
+    again = split_images_csv(csv, tmp_path / "again", num_sites=2, seed=0, labelled_per_site=1)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    with pytest.raises(DataError, match=r"labelled_per_site=3 exceeds the 2 training patients of site-1"):
+        split_images_csv(csv, tmp_path / "bad", num_sites=2, labelled_per_site=3)

@@ -150,3 +150,38 @@ def test_predefined_section_smaller_than_sites_is_carved(tmp_path):
     assert all(p["validation"] and p["test"] for p in pats)
     assert sum("patient013" in p["validation"] for p in pats) == 1  # the predefined one kept
     assert sum(len(p["training"]) for p in pats) == 12 - 2  # two sites carved one validation patient each
+
+
+def test_write_split_writes_sites_as_they_come_and_the_summary_last(tmp_path):
+    from fl_plugins.data.split import SUMMARY_NAME, _write_split
+
+    def dl(site: str) -> dict:
+        return {"format": "medmnist", "dataset": "x", "task": "classification", "num_classes": 2, "site": site,
+                "training": [], "validation": [], "test": []}
+
+    paths = _write_split(tmp_path / "ok", iter([(dl("site-1"), {"n": 1}), (dl("site-2"), {"n": 2})]), {"seed": 3})
+    assert [p.relative_to(tmp_path / "ok").as_posix() for p in paths] == ["site-1/datalist.json",
+                                                                           "site-2/datalist.json"]
+    assert load_datalist(paths[1])["site"] == "site-2"
+    assert json.loads((tmp_path / "ok" / SUMMARY_NAME).read_text()) == {"seed": 3, "sites": {"site-1": {"n": 1},
+                                                                                             "site-2": {"n": 2}}}
+
+    def failing():  # a splitter that finds a problem at its second site
+        yield dl("site-1"), {}
+        raise DataError("site-2 is too small")
+
+    with pytest.raises(DataError, match="site-2 is too small"):
+        _write_split(tmp_path / "bad", failing(), {})
+    assert sorted(p.relative_to(tmp_path / "bad").as_posix() for p in (tmp_path / "bad").rglob("*.json")) == [
+        "site-1/datalist.json"]  # the sites before the problem are written, the summary is not
+    with pytest.raises(ValueError, match="site 'site-1' is written twice"):
+        _write_split(tmp_path / "twice", [(dl("site-1"), {}), (dl("site-1"), {})], {})
+
+
+def test_labelled_per_site_larger_than_a_site_names_it_after_writing_the_sites_before(tmp_path):
+    src = _fake_decathlon(tmp_path / "ds", {"training": 14, "validation": 4, "test": 5})  # 5 / 5 / 4 training
+    with pytest.raises(DataError, match=r"^labelled_per_site=5 exceeds the 4 training patients of site-3 "
+                                        r"\(num_sites=3, "):
+        split_decathlon(src, tmp_path / "out", num_sites=3, labelled_per_site=5)
+    assert sorted(p.parent.name for p in (tmp_path / "out").rglob("datalist.json")) == ["site-1", "site-2"]
+    assert not (tmp_path / "out" / "split_summary.json").exists()
