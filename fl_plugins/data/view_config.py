@@ -1,4 +1,9 @@
-"""Settings of the multi-crop training views of DINO / DINOv2 (no torch import: job building reads them).
+"""Settings of multi-crop training views (no torch import: job building reads them); method-neutral.
+
+A method that trains on multi-crop views (DINO / DINOv2) owns the crop sizes, the local crop count and the ViT
+patch (:data:`METHOD_OWNED_FIELDS`) and may give defaults for view settings (its crop scales); the job's view
+settings (:data:`VIEW_SETTING_FIELDS`, ``views.<field>`` in a job) override those defaults. :func:`multicrop_views`
+combines the two. Messages name the field only; the caller says where the settings came from.
 
 The transforms that use them are in :mod:`fl_plugins.data.views` (its docstring has the table of every augmentation,
 DINO's value [V] and the medical adaptation [R]).
@@ -10,23 +15,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["MultiCropConfig", "METHOD_OWNED_FIELDS", "VIEW_SETTING_FIELDS", "views_for_method"]
-
-_SCALES = {
-    "dino": ((0.4, 1.0), (0.05, 0.4)),  # DataAugmentationDINO [V]
-    "dinov2": ((0.32, 1.0), (0.05, 0.32)),  # dinov2/data/augmentations.py [V]
-}
+__all__ = ["MultiCropConfig", "METHOD_OWNED_FIELDS", "VIEW_SETTING_FIELDS", "multicrop_views"]
 
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    """Multi-crop settings; defaults are the CPU scale of methods-spec 9.3 with DINO's crop scales."""
+    """Multi-crop settings; defaults are the CPU scale of methods-spec 9.3 with DINO's crop scales [V]
+    (DINOv2's are global (0.32, 1), local (0.05, 0.32) [V]: a method passes its own, see
+    :func:`multicrop_views`)."""
 
     global_crop_size: int = 64  # 224 [V]; 64 [R]
     local_crop_size: int = 32  # 96 [V]; 32 [R]
     n_local_crops: int = 4  # 8 [V]; 4 [R]
     patch_size: int = 8  # crop sizes must be multiples of it
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)  # [V] DINO
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)  # [V] DINO DataAugmentationDINO
     local_crop_scale: tuple[float, float] = (0.05, 0.4)  # [V] DINO
     hflip_prob: float = 0.5  # [V]
     intensity_prob: float = 0.8  # replaces ColorJitter's p = 0.8 [V]
@@ -66,51 +68,49 @@ class MultiCropConfig:
         if min(self.brightness, self.contrast, self.noise_std) < 0:
             raise ValueError("brightness, contrast and noise_std must be >= 0")
 
-    @classmethod
-    def for_variant(cls, variant: str, **kwargs: Any) -> MultiCropConfig:
-        """Config with the crop scales of ``variant`` ("dino" or "dinov2") and ``kwargs`` overrides."""
-        if variant not in _SCALES:
-            raise ValueError(f"variant={variant!r} is not one of {sorted(_SCALES)}")
-        g, loc = _SCALES[variant]
-        return cls(**{"global_crop_scale": g, "local_crop_scale": loc, **kwargs})
 
-
-#: MultiCropConfig fields that follow the method's own settings (DINOConfig crop sizes, local crop count, ViT patch)
+#: MultiCropConfig fields that follow the method's own settings (its crop sizes, local crop count and ViT patch)
 METHOD_OWNED_FIELDS = frozenset({"global_crop_size", "local_crop_size", "n_local_crops", "patch_size"})
-#: the MultiCropConfig fields a job may set as ``views.<field>`` (augmentation strengths, probabilities, scales)
-VIEW_SETTING_FIELDS = frozenset(f.name for f in fields(MultiCropConfig)) - METHOD_OWNED_FIELDS
+#: the MultiCropConfig fields a job may set as ``views.<field>`` (augmentation strengths, probabilities, crop scales)
+#: -> the MultiCropConfig default (its type checks ``--set`` values; a method may default a field otherwise)
+VIEW_SETTING_FIELDS: dict[str, Any] = {f.name: f.default for f in fields(MultiCropConfig)
+                                       if f.name not in METHOD_OWNED_FIELDS}
 
 
-def views_for_method(
-    variant: str,
-    global_crop_size: int,
-    local_crop_size: int,
-    n_local_crops: int,
-    patch_size: int,
-    settings: Mapping[str, Any] | None = None,
-) -> MultiCropConfig:
-    """The training views of a DINO/DINOv2 run: the variant's crop scales, the method's crop sizes, and ``settings``
-    (job setting ``views``: any of :data:`VIEW_SETTING_FIELDS`; JSON lists become tuples).
+def _plain_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON lists are the config's tuples
 
-    Raises ``ValueError`` naming ``views.<field>`` for a field that is unknown or owned by the method's settings,
-    and ``ValueError("views settings: ...")`` for a value ``MultiCropConfig`` rejects.
+
+def multicrop_views(method_views: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> MultiCropConfig:
+    """The training views of a run: the method's own view values, then the job's view ``settings`` over them.
+
+    Args:
+        method_views: every field of :data:`METHOD_OWNED_FIELDS` (``global_crop_size``, ``local_crop_size``,
+            ``n_local_crops``, ``patch_size``) and optionally defaults for view settings (e.g. the method's
+            ``global_crop_scale`` / ``local_crop_scale``).
+        settings: view settings (any of :data:`VIEW_SETTING_FIELDS`; JSON lists become tuples); they override
+            the method's defaults of the same name.
+
+    Raises:
+        ValueError: naming the field: a method-owned field missing from ``method_views`` or given in ``settings``
+            (with the method's value), an unknown field, or a value :class:`MultiCropConfig` rejects
+            (``"view settings: noise_prob=2.0 must be in [0, 1]"``).
     """
+    method_views = dict(method_views)
+    missing = sorted(METHOD_OWNED_FIELDS - set(method_views))
+    unknown = sorted(set(method_views) - METHOD_OWNED_FIELDS - set(VIEW_SETTING_FIELDS))
+    if missing or unknown:
+        raise ValueError(f"the method's view values must give every one of {sorted(METHOD_OWNED_FIELDS)} and only "
+                         f"view settings besides; missing {missing}, unknown {unknown}")
     settings = dict(settings or {})
     for k in settings:
         if k in METHOD_OWNED_FIELDS:
-            raise ValueError(f"views.{k} is not a view setting: set dino.{k if k != 'patch_size' else 'backbone'} "
-                             "instead")
+            raise ValueError(f"{k!r} is not a view setting: the method sets it ({k}={method_views[k]!r}, from its "
+                             "own settings)")
         if k not in VIEW_SETTING_FIELDS:
-            raise ValueError(f"unknown view setting views.{k}; known: {sorted(VIEW_SETTING_FIELDS)}")
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+            raise ValueError(f"unknown view setting {k!r}; known: {sorted(VIEW_SETTING_FIELDS)}")
+    values = {k: _plain_to_tuple(v) for k, v in {**method_views, **settings}.items()}
     try:
-        return MultiCropConfig.for_variant(
-            variant,
-            global_crop_size=global_crop_size,
-            local_crop_size=local_crop_size,
-            n_local_crops=n_local_crops,
-            patch_size=patch_size,
-            **settings,
-        )
+        return MultiCropConfig(**values)
     except (TypeError, ValueError) as e:  # e.g. a probability > 1, or a string where a number belongs
-        raise ValueError(f"views settings: {e}") from e
+        raise ValueError(f"view settings: {e}") from e

@@ -1,4 +1,4 @@
-"""Multi-crop views for DINO / DINOv2 on 1-channel medical images (methods-spec 2.2 / 3.2).
+"""Multi-crop views (DINO / DINOv2) on 1-channel medical images (methods-spec 2.2 / 3.2).
 
 Per image ``[C, S, S]`` (C = 1 for MR/CT/X-ray slices): 2 global crops + ``L`` local crops, each
 ``RandomResizedCrop`` (bicubic, antialiased) + horizontal flip, then photometric augmentation that is valid for
@@ -18,8 +18,9 @@ ImageNet mean/std      none: intensity normalisation is the data layer's modalit
 --                     Gaussian noise, p = 0.2, std U(0, 0.05) in image units (MONAI ``RandGaussianNoise``)
 =====================  ==================================================================================
 
-Crop scales: DINO global (0.4, 1), local (0.05, 0.4); DINOv2 global (0.32, 1), local (0.05, 0.32) [V]
-(:meth:`MultiCropConfig.for_variant`). Crop sizes must be multiples of the ViT patch size.
+Crop scales: DINO global (0.4, 1), local (0.05, 0.4); DINOv2 global (0.32, 1), local (0.05, 0.32) [V]: settings
+(``global_crop_scale`` / ``local_crop_scale``) whose defaults the method gives
+(:func:`fl_plugins.data.view_config.multicrop_views`). Crop sizes must be multiples of the ViT patch size.
 
 Randomness: torchvision draws from torch's global RNG; the MONAI transforms are re-seeded from it on every
 call, so ``torch.manual_seed`` (and DataLoader's per-worker seeding) make the views reproducible.

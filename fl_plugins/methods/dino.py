@@ -5,10 +5,13 @@ stochastic depth, teacher without; methods-spec 2.1 / 3.1). Its flat ``state_dic
 methods-spec 1.2::
 
     student.backbone.*   student.dino_head.*   teacher.backbone.*   teacher.dino_head.*
-    buffers.dino_center  [K]                   buffers.ibot_center  [K]   (dinov2 only)
+    buffers.dino_center  [K]                   buffers.ibot_center  [K]   (iBOT only)
 
-(``dinov2`` adds ``{student,teacher}.backbone.mask_token [1, D]``; iBOT shares the DINO head, DINOv2's default
-``ibot.separate_head=false`` [V], so there is no ``*.ibot_head.*``.)
+(The loss terms are settings, :class:`DINOConfig` ``dino_weight`` / ``ibot_weight`` / ``koleo_weight``; DINO and
+DINOv2 are presets of them. With iBOT (``ibot_weight > 0``) the backbones have ``{student,teacher}.backbone.mask_token
+[1, D]`` and there is ``buffers.ibot_center``; iBOT shares the DINO head, DINOv2's default ``ibot.separate_head=false``
+[V], so there is no ``*.ibot_head.*``. ``buffers.dino_center`` always exists (stable wire contract) and follows the
+teacher's CLS logits, the collapse monitor's targets, also when ``dino_weight=0``.)
 
 State taxonomy per federation mode (methods-spec 2.7 [R]); every ``state_dict`` key is in exactly one class:
 
@@ -71,7 +74,8 @@ class _Centers(nn.Module):
 
 
 class DINOMethod(nn.Module):
-    """Student/teacher DINO (or DINOv2) with explicit centres and a per-mode state taxonomy.
+    """Student/teacher DINO / iBOT / KoLeo (DINO, DINOv2 and their parts) with explicit centres and a per-mode
+    state taxonomy.
 
     Args:
         config: :class:`DINOConfig`.
@@ -88,7 +92,7 @@ class DINOMethod(nn.Module):
         spec = config.backbone
         student_backbone = create_backbone(spec)
         teacher_backbone = create_backbone(replace(spec, drop_path_rate=0.0))  # teacher: no stochastic depth [V]
-        if config.variant == "dinov2":
+        if config.uses_ibot:
             add_mask_token(student_backbone)
             add_mask_token(teacher_backbone)
         teacher_backbone.load_state_dict(student_backbone.state_dict())
@@ -105,7 +109,7 @@ class DINOMethod(nn.Module):
         self.teacher.eval()
         # ``nn.Module.buffers`` is a method, so ``add_module("buffers", ...)`` is refused; registering the holder
         # in ``_modules`` directly gives the spec's ``buffers.dino_center`` keys in state_dict/named_buffers.
-        self._modules["buffers"] = _Centers(config.out_dim, with_ibot=config.variant == "dinov2")
+        self._modules["buffers"] = _Centers(config.out_dim, with_ibot=config.uses_ibot)
         self._mask_generator = BlockMaskGenerator(config.patch_grid)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DINOMethod:
@@ -177,20 +181,23 @@ class DINOMethod(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss of one batch of multi-crop views; updates the centres (no gradient) as a side effect.
 
+        The loss is ``dino_weight * DINO + koleo_weight * KoLeo + ibot_weight * iBOT`` over the terms whose weight
+        is > 0 (:class:`DINOConfig`). Without the DINO term the local crops are not used (they feed it only).
+
         Args:
             views: ``[g1, g2, l1, ..., lL]``: 2 global crops ``[B, C, G, G]`` then local crops ``[B, C, s, s]``;
                 or a batch ``{"views": [...], "masks": ...}``.
             global_step: server-owned global step (teacher temperature; default iBOT masks).
             rng: unused (the iBOT masks are a pure function of ``(config.seed, global_step)``; the augmentation
                 streams belong to the data loader).
-            masks: dinov2 only, optional ``[2B, G/p, G/p]`` bool iBOT masks for ``cat(g1, g2)``; default
-                :meth:`sample_masks`.
+            masks: iBOT only (``ibot_weight > 0``), optional ``[2B, G/p, G/p]`` bool iBOT masks for
+                ``cat(g1, g2)``; default :meth:`sample_masks`.
 
         Returns:
             ``(loss, stats)``: scalar loss with a graph into the student only; ``stats`` holds floats
-            ``loss``, ``dino_loss``, ``teacher_temp``, the collapse monitor ``teacher_entropy``,
-            ``teacher_mean_entropy``, ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`) and for
-            dinov2 ``koleo_loss``, ``ibot_loss``, ``mask_ratio``.
+            ``loss``, ``teacher_temp``, the collapse monitor ``teacher_entropy``, ``teacher_mean_entropy``,
+            ``teacher_mi`` (:func:`fl_plugins.core.collapse.target_entropies`, on the teacher's CLS targets), and
+            per term: ``dino_loss`` (DINO), ``koleo_loss`` (KoLeo), ``ibot_loss`` and ``mask_ratio`` (iBOT).
         """
         if isinstance(views, Mapping):
             masks = views.get("masks") if masks is None else masks
@@ -199,9 +206,9 @@ class DINOMethod(nn.Module):
         batch = self._check_views(views)
         n_glob = N_GLOBAL_CROPS * batch
         global_views = torch.cat(list(views[:N_GLOBAL_CROPS]))  # [2B, C, G, G]
-        local_views = list(views[N_GLOBAL_CROPS:])
+        use_dino, use_ibot = cfg.uses_dino, cfg.uses_ibot
+        local_views = list(views[N_GLOBAL_CROPS:]) if use_dino else []  # the locals feed the DINO term only
         teacher_temp = cfg.teacher_temp_at(global_step)
-        use_ibot = cfg.uses_ibot
         if use_ibot:
             if masks is None:
                 masks = self.sample_masks(n_glob, global_step)
@@ -209,7 +216,8 @@ class DINOMethod(nn.Module):
             if masks.shape[0] != n_glob:
                 raise ValueError(f"masks must have {n_glob} rows (2 global crops x batch), got {tuple(masks.shape)}")
         elif masks is not None:
-            raise ValueError("masks are only used by variant='dinov2' with ibot_weight > 0")
+            raise ValueError(f"masks are only used by the iBOT term (ibot_weight > 0), got ibot_weight="
+                             f"{cfg.ibot_weight}")
 
         # teacher: global crops only, unmasked, no gradient [V]
         with torch.no_grad():
@@ -221,33 +229,40 @@ class DINOMethod(nn.Module):
             t_cls_logits, t_patch_logits = t_logits[:n_glob], t_logits[n_glob:]
             t_cls_probs = self.teacher_targets(t_cls_logits, "dino_center", teacher_temp)
 
-        # student: all crops; globals masked for iBOT; one head call for CLS (globals, locals) + masked patches
+        # student: globals (masked for iBOT) and, for DINO, the locals; one head call for the CLS tokens the DINO
+        # term uses (globals, locals) and the masked patches
         if use_ibot:
             s_gcls, s_gpatch = forward_tokens(self.student["backbone"], global_views, masks)
             s_masked = s_gpatch[masks.flatten(1)]
         else:
             s_gcls = self.student["backbone"](global_views)
             s_masked = s_gcls[:0]
-        s_lcls = self._student_local_cls(local_views)
-        s_logits = self.student["dino_head"](torch.cat([s_gcls, *s_lcls, s_masked]))
-        n_cls = n_glob + sum(c.shape[0] for c in s_lcls)
-        student_views = list(s_logits[:n_cls].split(batch))  # [g1, g2, l1..lL], each [B, K]
+        s_cls = [s_gcls, *self._student_local_cls(local_views)] if use_dino else []
+        s_logits = self.student["dino_head"](torch.cat([*s_cls, s_masked]))
+        n_cls = sum(c.shape[0] for c in s_cls)
 
-        dino = dino_cross_entropy(t_cls_probs.reshape(N_GLOBAL_CROPS, batch, -1), student_views, cfg.student_temp)
-        loss = dino
-        stats: dict[str, float] = {"dino_loss": float(dino.detach()), "teacher_temp": teacher_temp}
+        stats: dict[str, float] = {"teacher_temp": teacher_temp}
         stats.update(target_entropies(t_cls_probs))  # collapse monitor (fl_plugins.core.collapse)
+        terms: list[Tensor] = []  # in this order (the sum of the DINO, then DINOv2, code)
+        if use_dino:
+            student_views = list(s_logits[:n_cls].split(batch))  # [g1, g2, l1..lL], each [B, K]
+            dino = dino_cross_entropy(t_cls_probs.reshape(N_GLOBAL_CROPS, batch, -1), student_views, cfg.student_temp)
+            terms.append(cfg.dino_weight * dino)
+            stats["dino_loss"] = float(dino.detach())
         if cfg.koleo_weight > 0:
             koleo = sum(koleo_loss(c) for c in s_gcls.chunk(N_GLOBAL_CROPS))  # per global crop, pre-head [V]
-            loss = loss + cfg.koleo_weight * koleo
+            terms.append(cfg.koleo_weight * koleo)
             stats["koleo_loss"] = float(koleo.detach())
         if use_ibot:
             with torch.no_grad():
                 t_patch_probs = self.teacher_targets(t_patch_logits, "ibot_center", teacher_temp)
             ibot = ibot_patch_loss(t_patch_probs, s_logits[n_cls:], masks, cfg.student_temp)
-            loss = loss + cfg.ibot_weight * ibot
+            terms.append(cfg.ibot_weight * ibot)
             stats["ibot_loss"] = float(ibot.detach())
             stats["mask_ratio"] = float(masks.float().mean())
+        loss = terms[0]  # DINOConfig refuses a config without the DINO or the iBOT term
+        for term in terms[1:]:
+            loss = loss + term
 
         if cfg.centering == "centering":  # centres updated after the loss used the old value [V]
             with torch.no_grad():

@@ -1,26 +1,44 @@
 """Configuration of the DINO / DINOv2 method (validated eagerly; every default cites its source).
 
 Tags as in methods-spec 0.1: [V] from the official code, [R] project default for the 2-core CPU scale
-(methods-spec 9.3). Variant-dependent settings default to ``None`` and are resolved in ``__post_init__``
-(so a stored config always holds concrete values and ``from_dict(to_dict())`` round-trips).
+(methods-spec 9.3). Which loss terms exist is a setting, as in DINOv2 [V]: ``dino_weight`` (image-level DINO on
+the CLS tokens), ``ibot_weight`` (patch-level iBOT on masked global crops; with it the mask token and the iBOT
+centre exist) and ``koleo_weight`` (KoLeo on the student's global CLS). DINO and DINOv2 are two presets of the
+same settings, :data:`DINO_PRESET` and :data:`DINOV2_PRESET`; the class defaults are DINO's. iBOT-only is
+``dino_weight=0, ibot_weight=1, koleo_weight=0``.
+
+Compatibility path: a ``variant`` key (``"dino"`` / ``"dinov2"``; job folders exported before the presets, and
+``--set dino.variant=...``) is accepted by :meth:`DINOConfig.from_dict` only: it fills the preset's values into the
+fields not given (a null preset field counts as not given, as the old "resolve from the variant"), with a
+deprecation log line (:func:`expand_variant`).
+
+Step-count settings default to ``None`` and are resolved in ``__post_init__`` from ``total_steps`` (so a stored
+config always holds concrete values and ``from_dict(to_dict())`` round-trips).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fl_plugins.core.schedules import cosine_schedule, cosine_with_warmup, linear_warmup_then_constant
-from fl_plugins.data.view_config import MultiCropConfig, views_for_method
+from fl_plugins.data.view_config import MultiCropConfig, multicrop_views
 from fl_plugins.models.backbone import BackboneSpec
+from fl_plugins.strict_config import StrictConfig
 
-__all__ = ["DINOConfig", "MIN_OUT_DIM"]
+__all__ = ["DINOConfig", "DINO_PRESET", "DINOV2_PRESET", "VARIANT_PRESETS", "MIN_OUT_DIM", "LR_SCALING_RULES",
+           "expand_variant"]
 
-Variant = Literal["dino", "dinov2"]
+logger = logging.getLogger(__name__)
+
 Centering = Literal["centering", "sinkhorn_knopp"]
 FederationMode = Literal["A", "B", "C"]
 TeacherInit = Literal["copy_global", "keep_local"]
+LRScaling = Literal["linear_wrt_256", "sqrt_wrt_1024"]
 
 # [R] Fewer prototypes than this make the DINO targets nearly one-hot over a handful of classes and the head
 # collapses easily; the CPU setting of methods-spec 9.3 uses K = 1024. Sinkhorn-Knopp additionally needs
@@ -28,27 +46,74 @@ TeacherInit = Literal["copy_global", "keep_local"]
 # samples the "each prototype gets 1/K of the mass" constraint forces many samples onto identical targets.
 MIN_OUT_DIM = 16
 
-_VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    # DINO main_dino.py defaults [V]; teacher_temp 0.04 (code default; README "boost" uses 0.07 w/ warm-up)
-    "dino": {
-        "teacher_temp": 0.04,
-        "momentum_teacher": 0.996,
-        "norm_last_layer": True,
-        "koleo_weight": 0.0,
-        "ibot_weight": 0.0,
-        "warmup_teacher_temp_frac": 0.0,
-    },
-    # DINOv2 ssl_default_config.yaml [V]: tau_t 0.04 -> 0.07 over 30 of 100 epochs, momentum 0.992 -> 1,
-    # last layer not weight-norm-frozen, koleo 0.1, ibot 1.0
-    "dinov2": {
-        "teacher_temp": 0.07,
-        "momentum_teacher": 0.992,
-        "norm_last_layer": False,
-        "koleo_weight": 0.1,
-        "ibot_weight": 1.0,
-        "warmup_teacher_temp_frac": 0.3,
-    },
+#: ``lr_scaling`` -> the learning rate of a local batch from ``base_lr``: DINO ``lr * batch / 256``
+#: (main_dino.py [V]); DINOv2 ``scaling_rule: sqrt_wrt_1024`` (ssl_default_config.yaml, train.py [V])
+LR_SCALING_RULES: dict[str, Callable[[float, int], float]] = {
+    "linear_wrt_256": lambda base_lr, batch: base_lr * batch / 256,
+    "sqrt_wrt_1024": lambda base_lr, batch: base_lr * math.sqrt(batch / 1024),
 }
+
+#: DINO (main_dino.py defaults and DataAugmentationDINO [V]): the DINO term only; teacher_temp 0.04 without
+#: warm-up (code default; the README "boost" uses 0.07 with warm-up), momentum 0.996 -> 1, weight-normalised last
+#: layer with g frozen, lr 5e-4 per 256 images, crop scales global (0.4, 1), local (0.05, 0.4). Plain JSON values
+#: (lists for pairs): copy before changing.
+DINO_PRESET: dict[str, Any] = {
+    "dino_weight": 1.0,
+    "ibot_weight": 0.0,
+    "koleo_weight": 0.0,
+    "teacher_temp": 0.04,
+    "warmup_teacher_temp_frac": 0.0,
+    "momentum_teacher": 0.996,
+    "norm_last_layer": True,
+    "base_lr": 5e-4,
+    "lr_scaling": "linear_wrt_256",
+    "global_crop_scale": [0.4, 1.0],
+    "local_crop_scale": [0.05, 0.4],
+}
+#: DINOv2 (ssl_default_config.yaml, dinov2/data/augmentations.py [V]): dino.loss_weight 1.0, ibot.loss_weight 1.0
+#: (iBOT shares the DINO head: ibot.separate_head=false), dino.koleo_loss_weight 0.1; teacher_temp 0.04 -> 0.07
+#: over 30 of 100 epochs, momentum 0.992 -> 1, last layer g not frozen, base_lr 4e-3 at batch 1024 with
+#: sqrt_wrt_1024, crop scales global (0.32, 1), local (0.05, 0.32).
+DINOV2_PRESET: dict[str, Any] = {
+    "dino_weight": 1.0,
+    "ibot_weight": 1.0,
+    "koleo_weight": 0.1,
+    "teacher_temp": 0.07,
+    "warmup_teacher_temp_frac": 0.3,
+    "momentum_teacher": 0.992,
+    "norm_last_layer": False,
+    "base_lr": 4e-3,
+    "lr_scaling": "sqrt_wrt_1024",
+    "global_crop_scale": [0.32, 1.0],
+    "local_crop_scale": [0.05, 0.32],
+}
+#: the deprecated ``variant`` setting's values -> their preset
+VARIANT_PRESETS: dict[str, dict[str, Any]] = {"dino": DINO_PRESET, "dinov2": DINOV2_PRESET}
+
+
+def expand_variant(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The compatibility path of the old ``variant`` setting: ``{"variant": v, **x}`` -> ``{**preset(v), **x}``.
+
+    A preset field given as None in ``d`` counts as not given (the old config resolved a None from the variant);
+    without ``variant`` such a None is dropped too (the class default, DINO's, applies). Logs a deprecation line when
+    ``variant`` is present.
+
+    Raises:
+        ValueError: a ``variant`` other than ``"dino"`` / ``"dinov2"``, naming the value.
+    """
+    d = dict(d)
+    has_variant = "variant" in d
+    variant = d.pop("variant", None)
+    given = {k: v for k, v in d.items() if not (k in DINO_PRESET and v is None)}
+    if not has_variant:
+        return given
+    if variant not in VARIANT_PRESETS:
+        raise ValueError(f"DINO setting variant={variant!r} is not one of {sorted(VARIANT_PRESETS)} (a deprecated "
+                         "alias of the presets DINO_PRESET / DINOV2_PRESET; set the loss weights instead)")
+    logger.warning("DINO setting variant=%r is deprecated: it stands for the preset %s (loss weights dino_weight, "
+                   "ibot_weight, koleo_weight and the [V] values that go with them); the fields given override it",
+                   variant, "DINOV2_PRESET" if variant == "dinov2" else "DINO_PRESET")
+    return {**copy.deepcopy(VARIANT_PRESETS[variant]), **given}
 
 
 def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -57,43 +122,53 @@ def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class DINOConfig:
-    """DINO (``variant="dino"``) or DINOv2 (``variant="dinov2"``) pretraining settings.
+class DINOConfig(StrictConfig):
+    """DINO / DINOv2 pretraining settings; the loss weights decide which terms exist (see the module doc).
 
-    Step counts are GLOBAL optimiser steps (``round * local_steps + t``), owned by the server.
+    Strict ``from_dict`` / ``to_dict`` from :class:`~fl_plugins.strict_config.StrictConfig` (section ``"DINO"``);
+    ``from_dict`` also takes the deprecated ``variant`` (:func:`expand_variant`). Step counts are GLOBAL optimiser
+    steps (``round * local_steps + t``), owned by the server. Fields marked "preset" differ between
+    :data:`DINO_PRESET` (the defaults here) and :data:`DINOV2_PRESET`.
     """
 
-    variant: Variant = "dino"
+    SECTION = "DINO"
+
     backbone: BackboneSpec = field(default_factory=BackboneSpec)  # [R] ViT-tiny/8 at 64 px (spec 9.3)
-    # views: the method validates them and sizes the iBOT masks with them
+    # views: the method validates them, sizes the iBOT masks with them and gives them to the view transform
     global_crop_size: int | None = None  # None -> backbone.img_size (224 [V]; 64 [R])
     local_crop_size: int = 32  # 96 [V]; 32 [R] (spec 9.3)
     n_local_crops: int = 4  # 8 [V]; 4 [R] (spec 9.3)
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)  # preset: DINO (0.4, 1) / DINOv2 (0.32, 1) [V]
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)  # preset: DINO (0.05, 0.4) / DINOv2 (0.05, 0.32) [V]
     batch_size: int = 16  # local batch per step; LR scaling rule and KoLeo/SK checks (64/GPU [V])
     # head
     out_dim: int = 1024  # K = 65536 [V]; 1024 on CPU [R] (spec 2.7, 9.3)
     hidden_dim: int = 2048  # [V]
     bottleneck_dim: int = 256  # [V]
-    norm_last_layer: bool | None = None  # None -> True (dino) / False (dinov2) [V]
+    norm_last_layer: bool = True  # preset: True (DINO) / False (DINOv2) [V]
     # temperatures
     student_temp: float = 0.1  # [V]
-    teacher_temp: float | None = None  # None -> 0.04 (dino) / 0.07 (dinov2) [V]; > 0.07 unstable (DINO help)
+    teacher_temp: float = 0.04  # preset: 0.04 (DINO) / 0.07 (DINOv2) [V]; > 0.07 unstable (DINO help)
     warmup_teacher_temp: float = 0.04  # [V]
-    warmup_teacher_temp_steps: int | None = None  # None -> 0 (dino) / 30 % of total_steps (dinov2, 30/100 ep) [V]
+    warmup_teacher_temp_frac: float = 0.0  # preset: 0 (DINO) / 0.3 (DINOv2, 30 of 100 epochs) [V]
+    warmup_teacher_temp_steps: int | None = None  # None -> int(warmup_teacher_temp_frac * total_steps)
     # teacher and targets
-    momentum_teacher: float | None = None  # None -> 0.996 (dino) / 0.992 (dinov2) [V], cosine to the end value
+    momentum_teacher: float = 0.996  # preset: 0.996 (DINO) / 0.992 (DINOv2) [V], cosine to the end value
     momentum_teacher_end: float = 1.0  # [V]
     centering: Centering = "centering"  # [V] default; "sinkhorn_knopp" as in DINOv2 vitl14 [V]
     center_momentum: float = 0.9  # [V]
     sinkhorn_iterations: int = 3  # [V]
-    # DINOv2 terms
-    koleo_weight: float | None = None  # None -> 0 (dino) / 0.1 (dinov2) [V]
-    ibot_weight: float | None = None  # None -> 0 (dino) / 1.0 (dinov2) [V]; iBOT shares the DINO head [V]
+    # loss terms: a weight of 0 removes the term (DINOv2 dino.loss_weight, ibot.loss_weight, dino.koleo_loss_weight)
+    dino_weight: float = 1.0  # [V] DINOv2 dino.loss_weight (DINO: the only term)
+    ibot_weight: float = 0.0  # preset: 0 (DINO) / 1.0 (DINOv2) [V]; iBOT shares the DINO head [V]
+    koleo_weight: float = 0.0  # preset: 0 (DINO) / 0.1 (DINOv2) [V]
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # [V]
     mask_sample_probability: float = 0.5  # [V]
     # optimisation (AdamW)
     total_steps: int = 1000  # schedule horizon = rounds * local steps [R]
-    lr: float | None = None  # None -> 5e-4 * batch/256 (dino) / 4e-3 * sqrt(batch/1024) (dinov2) [V]
+    lr: float | None = None  # None -> LR_SCALING_RULES[lr_scaling](base_lr, batch_size)
+    base_lr: float = 5e-4  # preset: 5e-4 per 256 (DINO) / 4e-3 per 1024 (DINOv2) [V]
+    lr_scaling: LRScaling = "linear_wrt_256"  # preset: linear_wrt_256 (DINO) / sqrt_wrt_1024 (DINOv2) [V]
     min_lr: float = 1e-6  # [V]
     warmup_steps: int | None = None  # None -> 10 % of total_steps (10 of 100 epochs) [V]
     weight_decay: float = 0.04  # cosine 0.04 -> 0.4 [V]
@@ -105,30 +180,49 @@ class DINOConfig:
     teacher_init: TeacherInit = "copy_global"  # mode B only [R]
     seed: int = 0  # iBOT masks are a pure function of (seed, global_step); give sites different seeds
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DINOConfig:
+        """Strict build from a plain dict (:meth:`StrictConfig.from_dict`), after the ``variant`` alias
+        (:func:`expand_variant`)."""
+        if isinstance(d, Mapping):
+            d = expand_variant(d)
+        return super().from_dict(d)
+
+    @classmethod
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``backbone``: a dict -> :class:`BackboneSpec`; JSON lists of the pair settings -> tuples."""
+        if isinstance(d.get("backbone"), Mapping):
+            d["backbone"] = BackboneSpec.from_dict(dict(d["backbone"]))
+        for name in _PAIRS:
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
+        return d
+
     def __post_init__(self) -> None:
-        _one_of("variant", self.variant, ("dino", "dinov2"))
         if isinstance(self.backbone, dict):
             object.__setattr__(self, "backbone", BackboneSpec.from_dict(self.backbone))
         if not isinstance(self.backbone, BackboneSpec):
             raise ValueError(f"backbone must be a BackboneSpec or dict, got {type(self.backbone).__name__}")
-        defaults = _VARIANT_DEFAULTS[self.variant]
-        resolved: dict[str, Any] = {}
-        for name in ("teacher_temp", "momentum_teacher", "norm_last_layer", "koleo_weight", "ibot_weight"):
+        for name in DINO_PRESET:
             if getattr(self, name) is None:
-                resolved[name] = defaults[name]
+                raise ValueError(f"{name}=None: give a value (DINO_PRESET / DINOV2_PRESET hold the [V] ones)")
+        _one_of("lr_scaling", self.lr_scaling, tuple(LR_SCALING_RULES))
+        for name in _PAIRS:
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"{name}={value!r} must be a pair [min, max]")
+            object.__setattr__(self, name, tuple(value))
+        resolved: dict[str, Any] = {}
         if self.global_crop_size is None:
             resolved["global_crop_size"] = self.backbone.img_size
         if self.warmup_teacher_temp_steps is None:
-            resolved["warmup_teacher_temp_steps"] = int(defaults["warmup_teacher_temp_frac"] * self.total_steps)
+            resolved["warmup_teacher_temp_steps"] = int(self.warmup_teacher_temp_frac * self.total_steps)
         if self.warmup_steps is None:
             resolved["warmup_steps"] = self.total_steps // 10
         if self.freeze_last_layer_steps is None:
             resolved["freeze_last_layer_steps"] = self.total_steps // 100
         if self.lr is None and self.batch_size >= 1:
-            resolved["lr"] = (
-                5e-4 * self.batch_size / 256 if self.variant == "dino" else 4e-3 * math.sqrt(self.batch_size / 1024)
-            )
-        object.__setattr__(self, "mask_ratio_min_max", tuple(self.mask_ratio_min_max))
+            resolved["lr"] = LR_SCALING_RULES[self.lr_scaling](self.base_lr, self.batch_size)
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
         self._validate()
@@ -160,19 +254,26 @@ class DINOConfig:
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum", "mask_sample_probability"):
+        for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum", "mask_sample_probability",
+                     "warmup_teacher_temp_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         r_min, r_max = self.mask_ratio_min_max
         if not 0.0 <= r_min <= r_max <= 1.0:
             raise ValueError(f"mask_ratio_min_max={self.mask_ratio_min_max} must satisfy 0 <= min <= max <= 1")
-        for name in ("koleo_weight", "ibot_weight", "lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        for name in ("global_crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must satisfy 0 < min <= max <= 1")
+        for name in ("dino_weight", "koleo_weight", "ibot_weight", "lr", "base_lr", "min_lr", "weight_decay",
+                     "weight_decay_end", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.variant == "dino":
-            for name in ("koleo_weight", "ibot_weight"):
-                if getattr(self, name) > 0:
-                    raise ValueError(f"{name}={getattr(self, name)} needs variant='dinov2' (DINO has no such term)")
+        if self.dino_weight == 0 and self.ibot_weight == 0:
+            raise ValueError(
+                f"dino_weight={self.dino_weight} and ibot_weight={self.ibot_weight}: no self-distillation loss left "
+                f"(koleo_weight={self.koleo_weight} only spreads the features); set dino_weight or ibot_weight > 0"
+            )
         if self.koleo_weight > 0 and self.batch_size < 2:
             raise ValueError(
                 f"batch_size={self.batch_size} with koleo_weight={self.koleo_weight}: KoLeo needs >= 2 samples per "
@@ -190,12 +291,6 @@ class DINOConfig:
         """Cosine ``weight_decay -> weight_decay_end`` over ``total_steps`` [V]."""
         return cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
 
-    def training_views(self, settings: dict[str, Any] | None = None) -> MultiCropConfig:
-        """The multi-crop views of this run: the variant's crop scales, these crop sizes and the backbone's patch,
-        plus the job's ``views`` augmentation ``settings`` (:func:`fl_plugins.data.view_config.views_for_method`)."""
-        return views_for_method(self.variant, self.global_crop_size, self.local_crop_size, self.n_local_crops,
-                                self.backbone.patch_size, settings)
-
     def teacher_temp_at(self, step: int) -> float:
         """Linear ``warmup_teacher_temp -> teacher_temp`` over ``warmup_teacher_temp_steps``, then constant [V]."""
         return linear_warmup_then_constant(
@@ -206,10 +301,27 @@ class DINOConfig:
         """Cosine ``momentum_teacher -> momentum_teacher_end`` over ``total_steps`` [V]."""
         return cosine_schedule(step, self.total_steps, self.momentum_teacher, self.momentum_teacher_end)
 
-    # ---- (de)serialisation -------------------------------------------------------------------------------------
+    # ---- views and derived facts -------------------------------------------------------------------------------
+    def training_views(self, settings: Mapping[str, Any] | None = None) -> MultiCropConfig:
+        """The multi-crop views of this run: these crop sizes, crop scales and the backbone's patch, with the job's
+        view ``settings`` over them (:func:`fl_plugins.data.view_config.multicrop_views`; its errors name the
+        field)."""
+        return multicrop_views(
+            {"global_crop_size": self.global_crop_size, "local_crop_size": self.local_crop_size,
+             "n_local_crops": self.n_local_crops, "patch_size": self.backbone.patch_size,
+             "global_crop_scale": self.global_crop_scale, "local_crop_scale": self.local_crop_scale},
+            settings,
+        )
+
+    @property
+    def uses_dino(self) -> bool:
+        """The image-level DINO term exists (``dino_weight > 0``); without it the local crops are not used."""
+        return self.dino_weight > 0
+
     @property
     def uses_ibot(self) -> bool:
-        return self.variant == "dinov2" and self.ibot_weight > 0
+        """The iBOT term exists (``ibot_weight > 0``): masks, the mask token and the iBOT centre with it."""
+        return self.ibot_weight > 0
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -217,17 +329,6 @@ class DINOConfig:
         n = self.global_crop_size // self.backbone.patch_size
         return (n, n)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["backbone"] = self.backbone.to_dict()
-        d["mask_ratio_min_max"] = list(self.mask_ratio_min_max)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DINOConfig:
-        """Build from a plain dict (job config); unknown keys raise ``ValueError`` listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DINO setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+#: the settings that are pairs (JSON lists -> tuples)
+_PAIRS = ("global_crop_scale", "local_crop_scale", "mask_ratio_min_max")

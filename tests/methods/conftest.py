@@ -1,4 +1,4 @@
-"""Tiny DINO/DINOv2 settings: depth-2 ViT at 32 px (patch 8), 16 px locals, out_dim 64."""
+"""Tiny DINO/DINOv2 settings: depth-2 ViT at 32 px (patch 8), 16 px locals, out_dim 64; the presets by name."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from fl_plugins.methods import DINOConfig
+from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET
 from fl_plugins.models.backbone import BackboneSpec
 
 TINY_BACKBONE = BackboneSpec(img_size=32, patch_size=8, depth=2)
+PRESETS = {"dino": DINO_PRESET, "dinov2": DINOV2_PRESET}
 
 
-def tiny_config(**overrides) -> DINOConfig:
+def tiny_config(preset: str | None = None, **overrides) -> DINOConfig:
+    """A tiny config: the named preset (``"dino"`` / ``"dinov2"``; None: the class defaults, DINO's), then
+    ``overrides``."""
     settings = dict(
         backbone=TINY_BACKBONE,
         local_crop_size=16,
@@ -22,6 +26,7 @@ def tiny_config(**overrides) -> DINOConfig:
         bottleneck_dim=32,
         total_steps=50,
     )
+    settings.update(PRESETS[preset] if preset else {})
     settings.update(overrides)
     return DINOConfig(**settings)
 

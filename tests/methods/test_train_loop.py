@@ -54,7 +54,7 @@ def test_reiterable_loader_is_cycled_and_exhausted_iterator_raises():
 
 
 def test_param_groups_no_weight_decay_on_bias_and_1d():
-    method = DINOMethod(tiny_config(variant="dinov2"))
+    method = DINOMethod(tiny_config("dinov2"))
     decay, no_decay = adamw_param_groups(method.student)
     names = {id(p): n for n, p in method.student.named_parameters()}
     assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in decay["params"])
@@ -68,9 +68,9 @@ def test_param_groups_no_weight_decay_on_bias_and_1d():
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(method.config.weight_decay_at(5))
 
 
-@pytest.mark.parametrize("variant,which", [("dino", "teacher"), ("dinov2", "student")])
-def test_export_loads_with_project_loader_and_timm(tmp_path, variant, which):
-    method = DINOMethod(tiny_config(variant=variant))
+@pytest.mark.parametrize("preset,which", [("dino", "teacher"), ("dinov2", "student")])
+def test_export_loads_with_project_loader_and_timm(tmp_path, preset, which):
+    method = DINOMethod(tiny_config(preset))
     with torch.no_grad():
         for p in method.teacher.parameters():
             p.add_(0.1)  # make teacher and student differ
