@@ -29,6 +29,7 @@ label: the monitor is off for them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Sequence
@@ -38,14 +39,41 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from fl_plugins.core.schedules import step_horizon
 from fl_plugins.flare.handler import MethodHandler, SiteContext
 
-__all__ = ["SSLHandler", "DinoHandler", "MODE_EXCLUDE_REGEX", "site_seed", "preview_grid"]
+__all__ = ["SSLHandler", "site_seed", "preview_grid"]
 
 logger = logging.getLogger(__name__)
 
-#: DINO: global-model keys that are not federated in each mode (the server persistor neither stores nor sends them).
-MODE_EXCLUDE_REGEX = {"A": None, "B": r"^(teacher\.|buffers\.)", "C": r"^(student\.|buffers\.)"}
+
+
+def __getattr__(name: str) -> Any:
+    """Transitional (PEP 562): ``MODE_EXCLUDE_REGEX`` for ``fl_plugins/flare/job_builder.py`` until the job layer's
+    rewrite replaces it; no other code may use it. It is derived from the one DINO state taxonomy
+    (:meth:`fl_plugins.methods.dino.DINOMethod.state_taxonomy`), not a copy of it; jobs take the non-federated
+    keys from the built method (``non_federated_regex_of(method)``)."""
+    if name == "MODE_EXCLUDE_REGEX":
+        return _dino_mode_exclude_regex()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _dino_mode_exclude_regex() -> dict[str, str | None]:
+    """DINO federation mode -> regex of the top-level prefixes of its non-federated keys (site and rebuilt state),
+    read from the taxonomy of a minimal DINO method with every kind of state (iBOT on)."""
+    import re
+
+    from fl_plugins.methods.dino import DINOConfig, DINOMethod
+
+    out: dict[str, str | None] = {}
+    for mode in ("A", "B", "C"):
+        cfg = DINOConfig(backbone={"img_size": 16, "patch_size": 8, "depth": 1}, local_crop_size=8, n_local_crops=0,
+                         out_dim=16, hidden_dim=16, bottleneck_dim=16, ibot_weight=1.0, federation_mode=mode)
+        tax = DINOMethod(cfg).state_taxonomy()
+        prefixes = sorted({k.split(".")[0] + "." for k in tax["site"] + tax["rebuilt"]})
+        out[mode] = "^(" + "|".join(re.escape(p) for p in prefixes) + ")" if prefixes else None
+    return out
 
 
 def site_seed(seed: int, site_name: str) -> int:
@@ -102,7 +130,8 @@ class SSLHandler(MethodHandler):
         site: where the handler runs.
         method: registered method name (``fl_plugins.methods.method_names()``; plugins: list their module in
             ``imports`` of the job, which the executor imports first).
-        config: the method's config dict (a ``total_steps`` of None becomes ``steps_per_round * total_rounds``;
+        config: the method's config dict (a ``total_steps`` of None becomes
+            :func:`~fl_plugins.core.schedules.step_horizon` ``(steps_per_round, total_rounds)``;
             ``seed`` is mixed with the site name, so every method config takes a ``seed``).
         steps_per_round: local optimizer steps per round (>= 1).
         total_rounds: FL rounds.
@@ -152,7 +181,7 @@ class SSLHandler(MethodHandler):
         self.site = site
         cfg = dict(config)
         if "total_steps" in cfg and cfg["total_steps"] is None:  # the schedule horizon of this job
-            cfg["total_steps"] = steps_per_round * max(1, total_rounds)
+            cfg["total_steps"] = step_horizon(steps_per_round, total_rounds)
         cfg["seed"] = site_seed(int(cfg.get("seed", 0)), site.site_name)
         self.seed = cfg["seed"]
         dl = load_datalist(site.datalist_path)
@@ -269,16 +298,3 @@ class SSLHandler(MethodHandler):
 
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + global_step) % (2**63))
         return run_local_steps(self.method, self.loader, self.optimizer, self.steps_per_round, global_step, rng=rng)
-
-
-class DinoHandler(SSLHandler):
-    """:class:`SSLHandler` of the registered method ``"dino"`` (DINO / DINOv2; ``dino`` = ``DINOConfig`` fields)."""
-
-    def __init__(self, site: SiteContext, dino: dict[str, Any], steps_per_round: int = 10, total_rounds: int = 1,
-                 knn_every: int = 1, knn_max_items: int = 512, num_workers: int = 0,
-                 views: dict[str, Any] | None = None) -> None:
-        dino = {"total_steps": None, **dino}
-        super().__init__(site, "dino", dino, steps_per_round=steps_per_round, total_rounds=total_rounds,
-                         knn_every=knn_every, knn_max_items=knn_max_items, num_workers=num_workers, views=views,
-                         spatial_dims=2)  # a 2D timm ViT
-        self.config = self.method.config
