@@ -29,7 +29,6 @@ label: the monitor is off for them.
 
 from __future__ import annotations
 
-import functools
 import logging
 import zlib
 from collections.abc import Sequence
@@ -45,35 +44,6 @@ from fl_plugins.flare.handler import MethodHandler, SiteContext
 __all__ = ["SSLHandler", "site_seed", "preview_grid"]
 
 logger = logging.getLogger(__name__)
-
-
-
-def __getattr__(name: str) -> Any:
-    """Transitional (PEP 562): ``MODE_EXCLUDE_REGEX`` for ``fl_plugins/flare/job_builder.py`` until the job layer's
-    rewrite replaces it; no other code may use it. It is derived from the one DINO state taxonomy
-    (:meth:`fl_plugins.methods.dino.DINOMethod.state_taxonomy`), not a copy of it; jobs take the non-federated
-    keys from the built method (``non_federated_regex_of(method)``)."""
-    if name == "MODE_EXCLUDE_REGEX":
-        return _dino_mode_exclude_regex()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _dino_mode_exclude_regex() -> dict[str, str | None]:
-    """DINO federation mode -> regex of the top-level prefixes of its non-federated keys (site and rebuilt state),
-    read from the taxonomy of a minimal DINO method with every kind of state (iBOT on)."""
-    import re
-
-    from fl_plugins.methods.dino import DINOConfig, DINOMethod
-
-    out: dict[str, str | None] = {}
-    for mode in ("A", "B", "C"):
-        cfg = DINOConfig(backbone={"img_size": 16, "patch_size": 8, "depth": 1}, local_crop_size=8, n_local_crops=0,
-                         out_dim=16, hidden_dim=16, bottleneck_dim=16, ibot_weight=1.0, federation_mode=mode)
-        tax = DINOMethod(cfg).state_taxonomy()
-        prefixes = sorted({k.split(".")[0] + "." for k in tax["site"] + tax["rebuilt"]})
-        out[mode] = "^(" + "|".join(re.escape(p) for p in prefixes) + ")" if prefixes else None
-    return out
 
 
 def site_seed(seed: int, site_name: str) -> int:

@@ -91,12 +91,18 @@ DINOV2_PRESET: dict[str, Any] = {
 VARIANT_PRESETS: dict[str, dict[str, Any]] = {"dino": DINO_PRESET, "dinov2": DINOV2_PRESET}
 
 
-def expand_variant(d: Mapping[str, Any]) -> dict[str, Any]:
+def expand_variant(d: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The compatibility path of the old ``variant`` setting: ``{"variant": v, **x}`` -> ``{**preset(v), **x}``.
 
     A preset field given as None in ``d`` counts as not given (the old config resolved a None from the variant);
     without ``variant`` such a None is dropped too (the class default, DINO's, applies). Logs a deprecation line when
     ``variant`` is present.
+
+    Args:
+        d: DINO settings, maybe with ``variant``.
+        defaults: settings under both (e.g. a job's defaults of its ``dino`` section, which hold a preset): the
+            variant's preset replaces their preset fields, ``d``'s fields replace both:
+            ``{**defaults, **preset(v), **x}`` (``--set dino.variant=dino`` on a DINOv2 job gives DINO).
 
     Raises:
         ValueError: a ``variant`` other than ``"dino"`` / ``"dinov2"``, naming the value.
@@ -105,15 +111,16 @@ def expand_variant(d: Mapping[str, Any]) -> dict[str, Any]:
     has_variant = "variant" in d
     variant = d.pop("variant", None)
     given = {k: v for k, v in d.items() if not (k in DINO_PRESET and v is None)}
+    base = {k: v for k, v in dict(defaults or {}).items() if k != "variant"}
     if not has_variant:
-        return given
+        return {**base, **given}
     if variant not in VARIANT_PRESETS:
         raise ValueError(f"DINO setting variant={variant!r} is not one of {sorted(VARIANT_PRESETS)} (a deprecated "
                          "alias of the presets DINO_PRESET / DINOV2_PRESET; set the loss weights instead)")
     logger.warning("DINO setting variant=%r is deprecated: it stands for the preset %s (loss weights dino_weight, "
                    "ibot_weight, koleo_weight and the [V] values that go with them); the fields given override it",
                    variant, "DINOV2_PRESET" if variant == "dinov2" else "DINO_PRESET")
-    return {**copy.deepcopy(VARIANT_PRESETS[variant]), **given}
+    return {**base, **copy.deepcopy(VARIANT_PRESETS[variant]), **given}
 
 
 def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:

@@ -17,10 +17,7 @@ from fl_plugins.flare.ssl_handler import SSLHandler
 from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET, DINOConfig
 from fl_plugins.models.factory import build_model
 
-try:  # the job layer's rule (its new home first; the old module until the job layer's rewrite lands)
-    from fl_plugins.flare.jobs.base import non_federated_regex_of
-except ImportError:
-    from fl_plugins.flare.job_builder import non_federated_regex_of
+from fl_plugins.flare.jobs.base import non_federated_regex_of
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},
         "batch_size": 8, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crop_size": 16,
@@ -156,7 +153,7 @@ def test_view_settings_shape_the_training_views(synth_seg_data, tmp_path):
 @pytest.mark.parametrize("preset", ["default", "dino", "dinov2"])
 def test_non_federated_keys_from_the_taxonomy_match_the_old_mode_regex(preset, mode, teacher_init):
     """The job layer's exclusion (the method's own taxonomy) is the one MODE_EXCLUDE_REGEX gave, per mode; the
-    transitional ssl_handler.MODE_EXCLUDE_REGEX (derived from the taxonomy) too."""
+    handler module no longer holds a copy of the taxonomy."""
     import re
 
     from fl_plugins.flare import ssl_handler
@@ -171,8 +168,7 @@ def test_non_federated_keys_from_the_taxonomy_match_the_old_mode_regex(preset, m
     old = excluded(OLD_MODE_EXCLUDE_REGEX[mode])
     assert (old == set()) is (mode == "A")
     assert excluded(non_federated_regex_of(full)) == old
-    assert excluded(ssl_handler.MODE_EXCLUDE_REGEX[mode]) == old
-    assert "MODE_EXCLUDE_REGEX" not in ssl_handler.__all__
+    assert not hasattr(ssl_handler, "MODE_EXCLUDE_REGEX")
 
 
 OLD_ARGS = {"dino": dict(TINY, variant="dinov2", federation_mode="B"), "steps_per_round": 2, "total_rounds": 3,

@@ -13,7 +13,7 @@ import torch
 from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.methods import DINOConfig, DINOMethod
 
-from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET
+from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET, expand_variant
 
 from .conftest import TINY_BACKBONE, tiny_config, tiny_views
 
@@ -268,6 +268,12 @@ def test_variant_alias_expands_the_preset_under_the_given_fields(caplog):
     assert DINOConfig.from_dict({"teacher_temp": None}) == DINOConfig()  # without variant: the default (DINO's)
     with pytest.raises(ValueError, match=r"variant='dinov3' is not one of \['dino', 'dinov2'\]"):
         DINOConfig.from_dict({"variant": "dinov3"})
+    # over a job's defaults (a DINOv2 job, --set dino.variant=dino --set dino.koleo_weight=0.2): the preset replaces
+    # the defaults' preset fields, the other given fields stay on top
+    job = {"batch_size": 8, **DINOV2_PRESET}
+    out = expand_variant({"variant": "dino", "koleo_weight": 0.2}, defaults=job)
+    assert out == {**job, **DINO_PRESET, "koleo_weight": 0.2}
+    assert expand_variant({"lr": 1e-3}, defaults=job) == {**job, "lr": 1e-3}
 
 
 def test_loss_weights_decide_the_terms_and_scale_them():
