@@ -51,6 +51,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fl_plugins.engine.checkpoint import atomic_write_text
+from fl_plugins.flare import nvflare_internals
 from fl_plugins.flare.aggregators import META_NR_AGGREGATED, META_NR_REJECTED, META_REJECTED_REASONS, WeightedAverage
 from fl_plugins.flare.resume import RoundCheckpoint, ServerFiles
 from fl_plugins.flare.update_check import Rejection, site_of
@@ -506,10 +507,10 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
     def set_communicator(self, communicator: Any) -> None:
         """nvflare 2.9's ``Controller.set_communicator`` sets ``communicator.task_check_period``, but the server's
         task monitor sleeps ``communicator._task_check_period`` (default 0.2 s), so the job's ``task_check_period``
-        never took effect: a finished round was noticed 0.08-0.1 s late (benchmarks/fl_overhead.py --breakdown)."""
+        never took effect: a finished round was noticed 0.08-0.1 s late (benchmarks/fl_overhead.py --breakdown).
+        The job's period is written there (:func:`~fl_plugins.flare.nvflare_internals.set_task_check_period`)."""
         super().set_communicator(communicator)
-        if hasattr(communicator, "_task_check_period"):
-            communicator._task_check_period = self._task_check_period
+        nvflare_internals.set_task_check_period(communicator, nvflare_internals.task_check_period(self))
 
     def save_model(self, model: FLModel) -> None:
         """The persistor's save, then the round checkpoint (:mod:`fl_plugins.flare.resume`)."""
@@ -536,15 +537,14 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         returns False (FLARE then reports it not accepted) and its metrics are not kept; an accepted one's metrics
         of the received model are kept for the best-model choice."""
         site = site_of(result)
-        if self._params_type is None:
-            self._params_type = result.params_type
+        nvflare_internals.note_params_type(self, result.params_type)
         rejection = self.aggregator.accept_model(result)
-        self._received_count += 1
+        received, expected = nvflare_internals.count_received(self)
         if isinstance(rejection, Rejection):
-            self.info(f"Received {self._received_count}/{self._expected_count} results; {site}'s rejected")
+            self.info(f"Received {received}/{expected} results; {site}'s rejected")
             return False
         self._round_metrics[site] = plain_metrics(result.metrics or {})
-        self.info(f"Aggregated {self._received_count}/{self._expected_count} results")
+        self.info(f"Aggregated {received}/{expected} results")
         return True
 
     def _get_aggregated_result(self) -> FLModel:
@@ -554,7 +554,7 @@ class FedAvgWithFinalValidation(SiteLiveness, FinalValidation, BestModelSelectio
         result = super()._get_aggregated_result()
         for r in getattr(self.aggregator, "round_rejections", None) or []:
             self._round_metrics.pop(r.site, None)
-        result.meta.update(self.report_rejections(int(self.current_round), self._received_count))
+        result.meta.update(self.report_rejections(int(self.current_round), nvflare_internals.received_count(self)))
         return result
 
     def update_model(self, model: FLModel, aggregate_results: FLModel) -> FLModel:

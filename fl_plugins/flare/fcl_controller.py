@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.app_common.workflows.model_controller import ModelController
 
+from fl_plugins.flare import nvflare_internals
 from fl_plugins.flare.controllers import FedAvgWithFinalValidation, _check_int
 from fl_plugins.flare.update_check import site_of
 from fl_plugins.wire import (
@@ -160,19 +160,18 @@ class FCLController(FedAvgWithFinalValidation):
         payloads = remote_payloads(banks, sites, self.feature_dim)
         self.expect_results(data, self.current_round)
         sent = 0
+        models: dict[str, FLModel] = {}
         for site in sites:
             feat, part = payloads[site]
             sent += feat.nbytes + part.nbytes
             # a site that answered the extraction holds the round's model: its train task carries no weights
-            m = FLModel(params={} if site in holding else data.params, params_type=data.params_type,
-                        current_round=data.current_round,
-                        total_rounds=data.total_rounds, start_round=data.start_round,
-                        meta={**(data.meta or {}), META_REMOTE_FEAT: feat, META_REMOTE_PART: part})
-            ModelController.send_model(self, task_name, m, targets=[site], timeout=timeout, callback=callback)
-        # error tolerance over the whole round, not the last one-site task
-        self._current_num_targets = len(sites)
-        self._current_min_responses = self.num_clients
-        self._current_failed_clients = set()
+            models[site] = FLModel(params={} if site in holding else data.params, params_type=data.params_type,
+                                   current_round=data.current_round,
+                                   total_rounds=data.total_rounds, start_round=data.start_round,
+                                   meta={**(data.meta or {}), META_REMOTE_FEAT: feat, META_REMOTE_PART: part})
+        # one task per site; error tolerance over the whole round, not the last one-site task
+        nvflare_internals.send_per_site(self, task_name, models, min_responses=self.num_clients, timeout=timeout,
+                                        callback=callback)
         ex = self.last_exchange
         self.last_exchange["bytes_sent"] = sent
         self.log_server_scalar("fcl/extract_seconds", ex["seconds"], rnd)

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.app_common.workflows.model_controller import ModelController
 
 from fl_plugins.engine.checkpoint import atomic_write_text
+from fl_plugins.flare import nvflare_internals
 from fl_plugins.flare.controllers import FedAvgWithFinalValidation, _check_int
 from fl_plugins.flare.update_check import site_of
 from fl_plugins.wire import META_NUM_STEPS
@@ -123,6 +123,7 @@ class FCLOptController(FedAvgWithFinalValidation):
             self.xi_hat = {k: v.copy() for k, v in self._theta.items()}
         self.expect_results(FLModel(params=online, params_type=data.params_type), self.current_round)
         down = {}
+        models: dict[str, FLModel] = {}
         for site in sites:
             resync = rnd > self.start_round and self._last_round.get(site) != rnd - 1
             resync = resync or (rnd == self.start_round and rnd > 0)  # a resumed job: nobody holds the state
@@ -130,17 +131,20 @@ class FCLOptController(FedAvgWithFinalValidation):
             down[site] = payload_bytes(params)
             if resync:
                 self.info(f"round {rnd}: sending the target to {site} (it did not take part in round {rnd - 1})")
-            m = FLModel(params=params, params_type=data.params_type, current_round=data.current_round,
-                        total_rounds=data.total_rounds, start_round=data.start_round, meta=dict(data.meta or {}))
-            ModelController.send_model(self, task_name, m, targets=[site], timeout=timeout, callback=callback)
-        self._current_num_targets = len(sites)
-        self._current_min_responses = self.num_clients
-        self._current_failed_clients = set()
+            models[site] = FLModel(params=params, params_type=data.params_type, current_round=data.current_round,
+                                   total_rounds=data.total_rounds, start_round=data.start_round,
+                                   meta=dict(data.meta or {}))
+        # one task per site; error tolerance over the whole round, not the last one-site task
+        nvflare_internals.send_per_site(self, task_name, models, min_responses=self.num_clients, timeout=timeout,
+                                        callback=callback)
         self._correction = False
         self.comm.append({"round": rnd, "down": down, "up": {}})
         return None
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
+        """``FedAvgWithFinalValidation._aggregate_one_result`` (nvflare 2.9's private ``FedAvg`` callback, listed in
+        :data:`~fl_plugins.flare.nvflare_internals.INTERNALS`), with the upload's bytes counted and, with PTNU, the
+        ``target.*`` upload taken out of the result first (checked here; kept for DP or the prediction error)."""
         site = site_of(result)
         if self.comm:
             self.comm[-1]["up"][site] = payload_bytes(result.params)

@@ -75,6 +75,7 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fl_plugins.flare import nvflare_internals
 from fl_plugins.flare.controllers import DEFAULT_ROUND_TIMEOUT, SiteLiveness, UpdateValidation, plain_metrics
 from fl_plugins.flare.persistor import ConfigModelPersistor
 from fl_plugins.flare.resume import RoundCheckpoint
@@ -206,6 +207,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
     BASE_FILE = "stage_{}_base.pt"
     BASES_TABLE = "stage_bases.json"
     METRICS_TABLE = "stage_metrics.json"
+    #: nvflare 2.9's job-config hook (``FedJobConfig._get_args``; :data:`~fl_plugins.flare.nvflare_internals.INTERNALS`)
     _always_serialize_args = ("num_stages", "k_per_stage", "schedule", "weighting", "damping", "norm_bound")
 
     def __init__(
@@ -273,8 +275,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
     def set_communicator(self, communicator: Any) -> None:
         """The job's ``task_check_period`` reaches the server's task monitor (see FedAvgWithFinalValidation)."""
         super().set_communicator(communicator)
-        if hasattr(communicator, "_task_check_period"):
-            communicator._task_check_period = self._task_check_period
+        nvflare_internals.set_task_check_period(communicator, nvflare_internals.task_check_period(self))
 
     def broadcast(self, task: Task, *args: Any, **kwargs: Any) -> None:
         """``Controller.broadcast``; the stage's per-site tasks are kept to know which results can still come."""
@@ -284,7 +285,8 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
 
     def _process_result(self, client_task: Any, fl_ctx: Any) -> None:
         """nvflare's result handling (the callback runs inside), then: this task's site has answered (also with an
-        error, which nvflare logs and ignores: ``ignore_result_error``)."""
+        error, which nvflare logs and ignores: ``ignore_result_error``). Overrides nvflare 2.9's private
+        ``BaseModelController._process_result`` (listed in :data:`~fl_plugins.flare.nvflare_internals.INTERNALS`)."""
         try:
             super()._process_result(client_task, fl_ctx)
         finally:
@@ -494,7 +496,7 @@ class StagewiseController(SiteLiveness, UpdateValidation, RoundCheckpoint, Model
             if ask is not None:
                 self._ask(ask, s, base)
             elif reason is None:
-                time.sleep(self._task_check_period)
+                time.sleep(nvflare_internals.task_check_period(self))
         cancelled = self._cancel_stage(s)
         with self._stage_lock:
             lost = sorted(site for site, t in self._stage_tasks.items()
