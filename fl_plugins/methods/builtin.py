@@ -74,4 +74,7 @@ BUILTIN_METHODS: dict[str, BuiltinMethod] = {
     "fclopt": BuiltinMethod("fl_plugins.methods.fclopt:FCLOptMethod", "fl_plugins.methods.fclopt:FCLOptConfig",
                             "FCLOpt: BYOL-style federated contrastive learning without negatives, structural "
                             "positives (target averaged, or predicted by PTNU); reconstructed from the abstract"),
+    "simclr": BuiltinMethod("fl_plugins.methods.simclr:SimCLRMethod", "fl_plugins.methods.simclr:SimCLRConfig",
+                            "SimCLR (FedSimCLR baseline): NT-Xent of two views of each image, U-Net encoder or ViT",
+                            views="fl_plugins.methods.simclr:simclr_views"),
 }
