@@ -312,10 +312,10 @@ class DINOConfig(StrictConfig):
     def training_views(self, settings: Mapping[str, Any] | None = None) -> MultiCropConfig:
         """The multi-crop views of this run: these crop sizes, crop scales and the backbone's patch, with the job's
         view ``settings`` over them (:func:`fl_plugins.data.view_config.multicrop_views`; its errors name the
-        field)."""
+        field). Without the DINO term no local crop is made (only the DINO term uses them)."""
         return multicrop_views(
             {"global_crop_size": self.global_crop_size, "local_crop_size": self.local_crop_size,
-             "n_local_crops": self.n_local_crops, "patch_size": self.backbone.patch_size,
+             "n_local_crops": self.n_local_crops if self.uses_dino else 0, "patch_size": self.backbone.patch_size,
              "global_crop_scale": self.global_crop_scale, "local_crop_scale": self.local_crop_scale},
             settings,
         )

@@ -302,6 +302,7 @@ def test_ibot_only_trains():
                                     freeze_last_layer_steps=0, total_steps=20, momentum_teacher=1.0,
                                     center_momentum=1.0))
     assert "student.backbone.mask_token" in method.state_dict() and "buffers.ibot_center" in method.state_dict()
+    assert method.config.training_views().n_local_crops == 0  # no local crop is made for nothing
     views = tiny_views(batch=8, seed=3)
     masks = method.sample_masks(16, 0)
     assert masks.any()
