@@ -35,6 +35,7 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
      "seg"),
     ("mae_vit_pretrain", "mae_vit_pretrain", {"steps_per_round": 1}, "seg"),
     ("mae3d_pretrain", "mae3d_pretrain", {"steps_per_round": 1}, "vol"),
+    ("simclr_pretrain", "simclr_pretrain", {"steps_per_round": 1, "simclr": {"batch_size": 8}}, "seg"),  # added with it
 ]
 
 

@@ -129,11 +129,7 @@ _KNN = {"knn_every": 1, "knn_max_items": 256}
 
 def _dino_specs() -> list[JobSpec]:
     from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
-    from fl_plugins.methods import dino_config
-
-    # TRANSITION (removed when dino_config publishes its presets): the variant alias
-    DINO_PRESET = getattr(dino_config, "DINO_PRESET", {"variant": "dino"})
-    DINOV2_PRESET = getattr(dino_config, "DINOV2_PRESET", {"variant": "dinov2"})
+    from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET
 
     common = {"backbone": dict(VIT_CPU), "batch_size": 16,
               "out_dim": 1024,  # K = 1024 at CPU scale (methods-spec 2.7 / 9.3)
@@ -214,4 +210,23 @@ def _mim_specs() -> list[JobSpec]:
     return out
 
 
-SPECS = [*_dino_specs(), *_mim_specs()]
+def _simclr_spec() -> JobSpec:
+    return method_job_spec(
+        "simclr_pretrain", "SimCLRRecipe",
+        "Federated SimCLR (FedSimCLR, the FCL paper's baseline): NT-Xent of two augmented views of each unlabelled "
+        "image, the finetune_seg_unet U-Net encoder (or a 2D ViT: --set simclr.backbone.kind=vit), FedAvg, k-NN "
+        "monitor; export-backbone -> finetune_seg_unet --pretrained. GPU scale: --set simclr.image_size=256 --set "
+        "simclr.batch_size=256 --set simclr.proj_hidden_dim=2048 --set steps_per_round=100 --rounds 100",
+        "simclr",
+        # CPU defaults: SimCLRConfig's (64 px, batch 16, projection 512 -> 128, tau 0.1)
+        {"fl": {"num_rounds": 2, "min_clients": 2, "key_metric": "knn_accuracy"},
+         "simclr": {"backbone": {"kind": "unet_encoder"}, "image_size": 64, "batch_size": 16},
+         "steps_per_round": 5, **_KNN},
+        _two_d,
+        # every SimCLRConfig field (--set simclr.temperature=0.2) and the encoder's settings (U-Net or ViT)
+        {"simclr": _fields("fl_plugins.methods.simclr:SimCLRConfig"),
+         "simclr.backbone": {"kind": "unet_encoder", **_UNET_FIELDS, **_BACKBONE_FIELDS}},
+        jobs_by_dims={2: "simclr_pretrain", 3: "mae3d_pretrain"})
+
+
+SPECS = [*_dino_specs(), *_mim_specs(), _simclr_spec()]
