@@ -13,11 +13,10 @@ from fl_plugins import methods
 from fl_plugins.data import position_partition
 from fl_plugins.flare.handler import SiteContext
 from fl_plugins.flare.handlers import handler_class, handler_names
+from fl_plugins.flare.jobs.base import non_federated_regex_of
 from fl_plugins.flare.ssl_handler import SSLHandler
 from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET, DINOConfig
 from fl_plugins.models.factory import build_model
-
-from fl_plugins.flare.jobs.base import non_federated_regex_of
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},
         "batch_size": 8, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crop_size": 16,

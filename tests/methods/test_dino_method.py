@@ -12,7 +12,6 @@ import torch
 
 from fl_plugins.engine.train_loop import build_optimizer, run_local_steps
 from fl_plugins.methods import DINOConfig, DINOMethod
-
 from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET, expand_variant
 
 from .conftest import TINY_BACKBONE, tiny_config, tiny_views

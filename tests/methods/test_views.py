@@ -8,7 +8,6 @@ import torch
 from fl_plugins.data.view_config import METHOD_OWNED_FIELDS, VIEW_SETTING_FIELDS, multicrop_views
 from fl_plugins.data.views import MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate
 
-
 OWNED = {"global_crop_size": 64, "local_crop_size": 32, "n_local_crops": 4, "patch_size": 8}
 
 
