@@ -39,7 +39,7 @@ from fl_plugins.core.contrastive import fcl_loss
 from fl_plugins.core.ema import update_momentum
 from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.method import MethodBase
-from fl_plugins.models.backbones import build_backbone
+from fl_plugins.models.backbones import build_backbone, feature_dim
 from fl_plugins.models.unet import UNET_DEFAULTS
 from fl_plugins.strict_config import StrictConfig
 
@@ -213,7 +213,7 @@ class FCLMethod(MethodBase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.encoder = build_backbone(config.backbone_settings())
-            dim = int(getattr(self.encoder, "embed_dim", 0) or getattr(self.encoder, "num_features", 0))
+            dim = feature_dim(self.encoder)
             self.projector = projection_head(dim, config.proj_dim)
         self.momentum = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
                                        "projector": copy.deepcopy(self.projector)})

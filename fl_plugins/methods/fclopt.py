@@ -45,7 +45,7 @@ from fl_plugins.core.ema import update_momentum
 from fl_plugins.core.schedules import warmup_cosine_or_constant
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.methods.fcl import SliceContrastSettings, augment_view
-from fl_plugins.models.backbones import build_backbone
+from fl_plugins.models.backbones import build_backbone, feature_dim
 
 __all__ = ["FCLOptConfig", "FCLOptMethod", "PREDICTOR_PREFIX", "TARGET_MODES", "TARGET_PREFIX", "structural_pairs"]
 
@@ -124,7 +124,7 @@ class FCLOptMethod(MethodBase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.encoder = build_backbone(config.backbone_settings())
-            dim = int(getattr(self.encoder, "embed_dim", 0) or getattr(self.encoder, "num_features", 0))
+            dim = feature_dim(self.encoder)
             self.projector = BYOLProjectionHead(dim, config.proj_hidden_dim, config.proj_dim)
             self.predictor = BYOLPredictionHead(config.proj_dim, config.pred_hidden_dim, config.proj_dim)
         self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),

@@ -34,7 +34,7 @@ from fl_plugins.data.view_config import MultiCropConfig
 from fl_plugins.engine.method import MethodBase
 from fl_plugins.engine.train_loop import adamw_param_groups
 from fl_plugins.models.backbone import BackboneSpec
-from fl_plugins.models.backbones import build_backbone
+from fl_plugins.models.backbones import build_backbone, feature_dim
 from fl_plugins.models.unet import UNET_DEFAULTS
 from fl_plugins.strict_config import StrictConfig
 
@@ -218,7 +218,7 @@ class SimCLRMethod(MethodBase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.encoder = build_backbone(config.backbone_settings())
-            dim = int(getattr(self.encoder, "embed_dim", 0) or getattr(self.encoder, "num_features", 0))
+            dim = feature_dim(self.encoder)
             self.projector = SimCLRProjectionHead(dim, config.proj_hidden_dim, config.proj_dim)
         self.criterion = NTXentLoss(temperature=config.temperature, gather_distributed=False)
         self.embed_dim = dim

@@ -25,7 +25,7 @@ from torch import nn
 from fl_plugins.models.backbone import BackboneSpec, create_backbone
 from fl_plugins.models.unet import UNetEncoder, build_unet
 
-__all__ = ["build_backbone", "BACKBONE_KINDS"]
+__all__ = ["build_backbone", "feature_dim", "BACKBONE_KINDS"]
 
 _UNET_KEYS = ("in_channels", "channels", "strides", "num_res_units", "norm", "dropout", "spatial_dims")
 
@@ -83,3 +83,17 @@ def build_backbone(cfg: Mapping[str, Any]) -> nn.Module:
     if kind not in BACKBONE_KINDS:
         raise ValueError(f"backbone setting 'kind' has unknown value {kind!r}; valid: {sorted(BACKBONE_KINDS)}")
     return BACKBONE_KINDS[kind](c)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The width of the vector a :func:`build_backbone` backbone outputs per image (``[B, C, ...] -> [B, D]``): a timm
+    ViT's ``embed_dim`` / ``num_features``, the U-Net encoder's ``embed_dim`` (its deepest channel count).
+
+    Raises:
+        ValueError: a module that declares neither (not a vector backbone, e.g. the whole U-Net).
+    """
+    dim = int(getattr(backbone, "embed_dim", 0) or getattr(backbone, "num_features", 0))
+    if dim < 1:
+        raise ValueError(f"{type(backbone).__name__} declares no feature width (embed_dim / num_features): not a "
+                         "backbone with one vector per image")
+    return dim

@@ -83,3 +83,15 @@ def test_cnn_classifier_2d_and_3d_every_parameter_gets_a_gradient(dims, shape):
 def test_cnn_classifier_bad_settings_named(extra, match):
     with pytest.raises(ValueError, match=match):
         build_model({"arch": "cnn_classifier", "num_classes": 2, **extra})
+
+
+@pytest.mark.parametrize("cfg,shape_in,shape_out", CASES, ids=[f"{c[0]['kind']}-{len(c[1]) - 2}d" for c in CASES])
+def test_feature_dim_is_the_width_of_the_output_vector(cfg, shape_in, shape_out):
+    from fl_plugins.models.backbones import feature_dim
+
+    net = build_backbone(cfg)
+    if len(shape_out) == 2:  # a vector per image: its width
+        assert feature_dim(net) == shape_out[1]
+    else:  # the whole U-Net outputs images, not a vector
+        with pytest.raises(ValueError, match="declares no feature width"):
+            feature_dim(net)
