@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_plugins.engine.train_loop import run_local_steps
     from fl_plugins.flare.handler import SiteContext
     from fl_plugins.flare.job_builder import job_settings
-    from fl_plugins.flare.ssl_handler import DinoHandler
+    from fl_plugins.flare.ssl_handler import SSLHandler
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datalist", required=True, help="one site's datalist.json")
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     dino = dict(job_settings(a.job, {"dino": parse_set(a.set)})["dino"], total_steps=a.steps)
     site = SiteContext(site_name=Path(a.datalist).parent.name, datalist_path=a.datalist, workspace_dir=".",
                        log_scalar=lambda *_: None)
-    h = DinoHandler(site, dino, steps_per_round=a.every, total_rounds=max(1, a.steps // a.every), knn_every=1,
-                    knn_max_items=256)
+    h = SSLHandler(site, "dino", dino, steps_per_round=a.every, total_rounds=max(1, a.steps // a.every), knn_every=1,
+                   knn_max_items=256, spatial_dims=2)
     if a.views:
         import dataclasses
 

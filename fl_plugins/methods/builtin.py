@@ -8,8 +8,9 @@ is needed. Adding a method is one row.
 name     config                                      batches
 ======== =========================================== ================================================================
 dino     :class:`~fl_plugins.methods.dino_config.    multi-crop views (:meth:`DINOConfig.training_views` + the job's
-         DINOConfig` fields (``variant``: dino or      ``views`` settings), ``[g1, g2, l1..lL]``
-         dinov2)
+         DINOConfig` fields (loss weights dino_,     ``views`` settings), ``[g1, g2, l1..lL]``
+         ibot_, koleo_weight; DINO_PRESET,
+         DINOV2_PRESET)
 finetune :class:`~fl_plugins.engine.finetune.        labelled items ``{"image", "label"}`` (the handler builds them)
          FinetuneConfig` fields
 unet_    :class:`~fl_plugins.methods.unet_inpaint.   the image itself ``{"image": [B, C, *spatial]}``; flips, rot90
@@ -20,6 +21,8 @@ mae      :class:`~fl_plugins.methods.mae_config.     the image itself ``{"image"
 fcl      :class:`~fl_plugins.methods.fcl.FCLConfig`  partition batches from the fcl task handler
 fclopt   :class:`~fl_plugins.methods.fclopt.         partition batches from the fclopt task handler
          FCLOptConfig`
+simclr   :class:`~fl_plugins.methods.simclr.         two augmented views ``{"view1", "view2"}`` (data.pair_views)
+         SimCLRConfig`
 ======== =========================================== ================================================================
 """
 

@@ -147,7 +147,7 @@ def test_dino_handler_on_csv_images(tmp_path, caplog, task):
     """SSL pretraining reads the same datalists; the k-NN monitor uses the class labels (classification) and is off,
     said, for segmentation images (one-slice items carry no annotation-free label)."""
     from fl_plugins import methods
-    from fl_plugins.flare.ssl_handler import DinoHandler
+    from fl_plugins.flare.ssl_handler import SSLHandler
 
     assert _split(_png_csv(tmp_path / "ds", task), tmp_path / "out", 2) == 0
     tiny = {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 1},
@@ -155,7 +155,8 @@ def test_dino_handler_on_csv_images(tmp_path, caplog, task):
             "n_local_crops": 2}
     site = SiteContext("site-1", str(tmp_path / "out" / "site-1" / "datalist.json"), str(tmp_path))
     with caplog.at_level("WARNING"):
-        h = DinoHandler(site, dict(tiny), steps_per_round=2, total_rounds=1, knn_max_items=64)
+        h = SSLHandler(site, "dino", dict(tiny, total_steps=None), steps_per_round=2, total_rounds=1, knn_max_items=64,
+                       spatial_dims=2)
     m = methods.build("dino", dict(tiny, total_steps=2))
     out = h.train(FLModel(params={k: v.numpy() for k, v in m.federated_state_dict().items()},
                           params_type=ParamsType.FULL, current_round=0, total_rounds=1))

@@ -97,3 +97,18 @@ def test_simclr_job_trains_and_sends_exactly_its_federated_state(synth_seg_data,
     server = json.loads(next((tmp_path / "export").rglob("config_fed_server.json")).read_text())
     persistor = next(c for c in server["components"] if c["id"] == "persistor")["args"]
     assert persistor["method"] == "simclr" and persistor["exclude_regex"]  # the server never stores the counters
+
+
+def test_dino_variant_setting_still_works_as_an_alias_of_the_presets():
+    """``--set dino.variant=...`` (settings of job folders before the loss weights) selects the preset over the
+    job's defaults; the other given fields win; a bad variant is named."""
+    from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET
+
+    s = job_settings("dinov2_pretrain", {"dino": {"variant": "dino", "lr": 1e-3}})
+    assert {k: s["dino"][k] for k in DINO_PRESET} == DINO_PRESET and s["dino"]["lr"] == 1e-3
+    assert "variant" not in s["dino"] and s["dino"]["out_dim"] == 1024  # the job's other defaults stay
+    s = job_settings("dino_pretrain", {"dino": {"variant": "dinov2", "koleo_weight": 0.0}})
+    assert s["dino"]["ibot_weight"] == DINOV2_PRESET["ibot_weight"] and s["dino"]["koleo_weight"] == 0.0
+    build_job("dino_pretrain", {"dino": {"variant": "dinov2"}, "steps_per_round": 1})
+    with pytest.raises(ValueError, match=r"variant='dinov3' is not one of \['dino', 'dinov2'\]"):
+        job_settings("dino_pretrain", {"dino": {"variant": "dinov3"}})

@@ -62,7 +62,10 @@ def job_spec(name: str) -> JobSpec:
 def job_settings(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The merged settings of job ``name``: its defaults with nested ``overrides`` (unknown keys are rejected)."""
     spec = job_spec(name)
-    return merge_settings(with_fl_defaults(spec.defaults), overrides or {}, open_keys=spec.open_keys)
+    overrides = dict(overrides or {})
+    if spec.compat is not None:
+        overrides = spec.compat(overrides, spec.defaults)
+    return merge_settings(with_fl_defaults(spec.defaults), overrides, open_keys=spec.open_keys)
 
 
 def build_job(name: str, overrides: dict[str, Any] | None = None) -> Any:

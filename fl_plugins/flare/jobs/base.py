@@ -159,7 +159,8 @@ class JobSpec:
         jobs_by_dims: the job that fits 2D and the one that fits 3D data (for the data check's fix), if any.
         method / section: the registered method and its settings section (pretraining jobs of a method).
         open_keys: settable keys beyond ``defaults``, per dotted sub-dict path (validated again by the config).
-        aliases: old settings section -> the current one (``--set dino.x`` keeps working).
+        compat: ``(overrides, defaults) -> overrides``: a compatibility path for old settings (e.g. DINO's
+            ``--set dino.variant=dinov2``), applied to the user's overrides before they are merged.
     """
 
     name: str
@@ -176,7 +177,7 @@ class JobSpec:
     method: str | None = None
     section: str | None = None
     open_keys: dict[str, frozenset[str] | dict[str, Any]] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)
+    compat: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.data not in DATA_KINDS:

@@ -92,14 +92,15 @@ def _method_builder(method: str, section: str, dims: Callable[[dict[str, Any]], 
 
 def method_job_spec(name: str, recipe: str, description: str, method: str, defaults: dict[str, Any],
                     dims: Callable[[dict[str, Any]], int], open_keys: dict[str, Any], *, section: str | None = None,
-                    dims_key: str | None = None, jobs_by_dims: dict[int, str] | None = None) -> JobSpec:
+                    dims_key: str | None = None, jobs_by_dims: dict[int, str] | None = None,
+                    compat: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None) -> JobSpec:
     """The :class:`JobSpec` of a pretraining job of the registered ``method`` (settings section ``section``,
     default the method's name): the generic ``ssl`` handler, FedAvg, the data check by ``dims``."""
     section = section or method
     return JobSpec(name=name, recipe=recipe, description=description, defaults=defaults,
                    builder=_method_builder(method, section, dims), handler="ssl", data="pretrain", dims=dims,
                    dims_key=dims_key, jobs_by_dims=dict(jobs_by_dims or {}), method=method, section=section,
-                   open_keys=open_keys)
+                   open_keys=open_keys, compat=compat)
 
 
 def _fields(ref: str) -> dict[str, Any]:
@@ -127,6 +128,17 @@ _MIM_JOBS = {2: "mae_vit_pretrain", 3: "mae3d_pretrain"}  # the masked-image-mod
 _KNN = {"knn_every": 1, "knn_max_items": 256}
 
 
+def _dino_variant(overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``--set dino.variant=dino|dinov2`` (the settings before the loss weights): the variant's preset over the job's
+    ``dino`` defaults, the other given fields on top (:func:`fl_plugins.methods.dino_config.expand_variant`)."""
+    from fl_plugins.methods.dino_config import expand_variant
+
+    dino = overrides.get("dino")
+    if not isinstance(dino, dict) or "variant" not in dino:
+        return overrides
+    return {**overrides, "dino": expand_variant(dino, defaults=defaults["dino"])}
+
+
 def _dino_specs() -> list[JobSpec]:
     from fl_plugins.data.view_config import VIEW_SETTING_FIELDS
     from fl_plugins.methods.dino_config import DINO_PRESET, DINOV2_PRESET
@@ -150,7 +162,7 @@ def _dino_specs() -> list[JobSpec]:
              "dino": {**common, **preset}, "steps_per_round": 5, **_KNN,
              "views": {}},  # augmentation settings of the training views (the method's defaults when empty)
             _two_d, {"dino": fields, "views": VIEW_SETTING_FIELDS},
-            jobs_by_dims={2: job, 3: "mae3d_pretrain"}))
+            jobs_by_dims={2: job, 3: "mae3d_pretrain"}, compat=_dino_variant))
     return out
 
 
