@@ -75,10 +75,13 @@ def test_negative_or_inconsistent_steps_raise(call, name):
         call()
 
 
-# variant -> (tau_t at step 0, at end of warm-up, momentum at 0, momentum at the end)
+# preset -> (tau_t at step 0, at end of warm-up, momentum at 0, momentum at the end)
 @pytest.mark.parametrize("variant,t0,t_end,m0", [("dino", 0.04, 0.04, 0.996), ("dinov2", 0.04, 0.07, 0.992)])
 def test_config_schedules_from_global_step(variant, t0, t_end, m0):
-    cfg = DINOConfig(variant=variant, backbone=TINY, local_crop_size=16, total_steps=100, out_dim=64)
+    from fl_plugins.methods.dino_config import VARIANT_PRESETS
+
+    cfg = DINOConfig.from_dict({**VARIANT_PRESETS[variant], "backbone": TINY, "local_crop_size": 16,
+                                "total_steps": 100, "out_dim": 64})
     assert cfg.teacher_temp_at(0) == pytest.approx(t0)
     assert cfg.teacher_temp_at(cfg.warmup_teacher_temp_steps) == pytest.approx(t_end)
     assert cfg.teacher_temp_at(10_000) == pytest.approx(t_end)

@@ -241,8 +241,8 @@ def test_view_settings_reach_the_executor(name):
 
 
 @pytest.mark.parametrize(("views", "match"), [
-    ({"intensity_prob": 1.5}, r"views settings: intensity_prob=1.5 must be in \[0, 1\]"),
-    ({"blur_sigma": [2.0, 1.0]}, r"views settings: blur_sigma=\(2.0, 1.0\) must satisfy 0 < min <= max"),
+    ({"intensity_prob": 1.5}, r"view settings: intensity_prob=1.5 must be in \[0, 1\]"),
+    ({"blur_sigma": [2.0, 1.0]}, r"view settings: blur_sigma=\(2.0, 1.0\) must satisfy 0 < min <= max"),
     ({"intensity": 0.5}, r"unknown job setting 'views\.intensity'; known: \[.*'intensity_prob'"),
     ({"local_crop_size": 16}, r"unknown job setting 'views\.local_crop_size'"),  # a dino.* setting, not a view one
 ])
