@@ -50,7 +50,17 @@ def _resolve(value: Any, base: Path, where: str) -> str:
     p = Path(value).expanduser()
     if not p.is_absolute():
         p = base / p
-    return str(Path(p).resolve())
+    return str(resolve_path(p, where))
+
+
+def resolve_path(p: Path, where: str) -> Path:
+    """``p.resolve()``; a symlink loop (RuntimeError before Python 3.13, OSError ELOOP after) is a
+    :class:`DataError` naming ``where`` and the path."""
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{where}: {str(p)!r} is a symlink loop (its links point back at each other): fix the links "
+                        f"(ls -l) or list the real file ({e})") from e
 
 
 #: modality names (Decathlon ``dataset.json`` "modality" values, lower-cased) -> intensity preset

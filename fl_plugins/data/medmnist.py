@@ -48,6 +48,20 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         if len(arrays[f"{s}_images"]) != len(arrays[f"{s}_labels"]):
             raise DataError(f"MedMNIST file {str(p)!r}: {s}_images has {len(arrays[f'{s}_images'])} items but "
                             f"{s}_labels has {len(arrays[f'{s}_labels'])}")
+        lab, img = arrays[f"{s}_labels"], arrays[f"{s}_images"]
+        integral = lab.dtype == np.bool_ or np.issubdtype(lab.dtype, np.integer) or (
+            np.issubdtype(lab.dtype, np.floating) and bool(np.all(np.isfinite(lab))) and bool(np.all(lab == np.round(lab))))
+        if not integral:
+            example = lab.reshape(-1)[0].item() if lab.size else None
+            raise DataError(f"MedMNIST file {str(p)!r}: {s}_labels are {lab.dtype} (e.g. {example!r}), not class ids: "
+                            "store integers 0..C-1 (e.g. np.unique(labels, return_inverse=True)[1]) and save the "
+                            ".npz again")
+        if lab.size and lab.min() < 0:
+            raise DataError(f"MedMNIST file {str(p)!r}: {s}_labels has a negative class id {lab.min().item()}; class "
+                            "ids are 0..C-1")
+        if not (img.dtype == np.bool_ or np.issubdtype(img.dtype, np.number)):
+            raise DataError(f"MedMNIST file {str(p)!r}: {s}_images are {img.dtype}, not pixel values: store numbers "
+                            "(uint8 0..255 as MedMNIST does)")
     return arrays
 
 

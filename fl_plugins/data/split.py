@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fl_plugins.atomic_io import atomic_write_json
-from fl_plugins.data.datalist import DATALIST_NAME, write_datalist
+from fl_plugins.data.datalist import DATALIST_NAME, resolve_path, write_datalist
 from fl_plugins.data.errors import DataError
 from fl_plugins.data.medmnist import load_npz
 from fl_plugins.data.nifti import nifti_stem
@@ -154,8 +154,9 @@ def _abs_entries(ds: dict[str, Any], section: str, base: Path, group_key: str, s
             continue
         if "image" not in e:
             raise DataError(f"dataset description {str(src)!r}: {section}[{i}] has no 'image'")
-        image = str((base / e["image"]).resolve())
-        label = str((base / e["label"]).resolve())
+        where = f"dataset description {str(src)!r}, {section}[{i}]"
+        image = str(resolve_path(base / e["image"], f"{where}, field 'image'"))
+        label = str(resolve_path(base / e["label"], f"{where}, field 'label'"))
         for key, f in (("image", image), ("label", label)):
             if not Path(f).is_file():
                 raise DataError(f"dataset description {str(src)!r}: {section}[{i}] {key} file {f!r} does not exist")
@@ -613,7 +614,7 @@ def split_images_csv(
             raise DataError(f"{r.where(src)}: column {col!r} is empty (expected the {what} file's path, relative to "
                             "the CSV)")
         f = Path(v).expanduser()
-        f = (f if f.is_absolute() else base / f).resolve()
+        f = resolve_path(f if f.is_absolute() else base / f, f"{r.where(src)}: column {col!r} = {v!r}")
         if not f.is_file():
             raise DataError(f"{r.where(src)}: {what} file {str(f)!r} (column {col!r} = {v!r}) does not exist")
         return str(f)
