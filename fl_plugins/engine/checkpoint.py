@@ -63,7 +63,10 @@ def load_tensor_checkpoint(path: str | os.PathLike, setting: str = "--checkpoint
     except (zipfile.BadZipFile, OSError):
         has_pickle = None
     if not has_pickle:
-        kind = "a zip without a data.pkl" if has_pickle is False else f"a file starting with {head!r}"
+        kind = ("a zip without a data.pkl" if has_pickle is False
+                else "a bare pickle (torch.save's legacy format or pickle.dump), which could run code when loaded: "
+                     "re-save it with a current torch.save" if head[:1] == b"\x80"
+                else f"a file starting with {head!r}")
         raise CheckpointError(f"{setting}: {str(p)!r} is not a PyTorch checkpoint (torch.save's zip of tensors); it is "
                               f"{kind}: give the .pt a job wrote (e.g. <workspace>/server/simulate_job/app_server/"
                               "FL_global_model.pt)")
