@@ -7,12 +7,16 @@ Run ``flssl <command> --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,13 +193,15 @@ def cmd_export_jobs(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
-    from fl_plugins.flare.resume import ResumeError, make_resume_job
+    from fl_plugins.flare.resume import make_resume_job
 
+    existed = os.path.lexists(a.out)
     try:
-        done = make_resume_job(a.checkpoint, a.job, a.out)
-    except ResumeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        done = make_resume_job(a.checkpoint, a.job, a.out)  # ResumeError (a ValueError): main prints it, exit 2
+    except OSError:  # a write failed half-way (disk full, read-only): no half-copied job folder is left behind
+        if not existed and os.path.isdir(a.out):
+            shutil.rmtree(a.out, ignore_errors=True)
+        raise
     first, last = done["rounds"]
     print(f"wrote {done['out']} (job {done['name']!r}): resumes run {done['run_id']} of job {done['from_job']} after "
           f"its round {done['completed_round']}, runs rounds {first}..{last}")
@@ -255,12 +261,48 @@ def run_simulator(job_dir: Path, ws: Path, n_sites: int, threads: int, log_path:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if not quiet and _PROGRESS.search(line):
-                print(f"[{time.perf_counter() - t0:6.1f}s] {line.strip()[:200]}", flush=True)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if not quiet and _PROGRESS.search(line):
+                    print(f"[{time.perf_counter() - t0:6.1f}s] {line.strip()[:200]}", flush=True)
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the simulator got the Ctrl-C too: give it time to stop, then end it
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
     return rc
+
+
+def _stopped_line(ws: Path, job_dir: Path, a: argparse.Namespace, log_path: Path) -> str:
+    """What a Ctrl-C during ``flssl simulate`` kept (the last completed round's checkpoint) and how to resume."""
+    from fl_plugins.flare.resume import CHECKPOINT_FILE, ResumeError, load_round_checkpoint
+
+    ckpt = ws / "server" / "simulate_job" / "app_server" / CHECKPOINT_FILE
+    head = f"flssl simulate: stopped (Ctrl-C) during the run (log: {log_path})"
+    if not ckpt.is_file():
+        return f"{head}; no round had completed, so nothing was kept to resume from: run the same command again"
+    try:
+        done = load_round_checkpoint(ckpt, setting="round checkpoint")
+    except ResumeError as e:
+        return f"{head}; its round checkpoint cannot start a resumed run ({e}): run the same command again"
+    r = int(done["round"])
+    if r + 1 >= int(done["total_rounds"]):
+        return (f"{head} after its last round {r}; the checkpoint of that round is {ckpt}; nothing is left to "
+                "resume")
+    q = shlex.quote
+    new_job = job_dir.parent / f"{job_dir.name}_resume{r + 1}"
+    return (f"{head}; kept round {r} (the last completed of rounds 0..{int(done['total_rounds']) - 1}) in {ckpt}; "
+            f"resume it: flssl resume --checkpoint {q(str(ckpt))} --job {q(str(job_dir))} --out {q(str(new_job))} "
+            f"&& flssl simulate --job {q(str(new_job))} --data {q(str(a.data))} -w {q(str(ws))} -n {a.sites} "
+            f"-t {a.threads}")
 
 
 def sim_outputs(ws: Path) -> dict[str, Path]:
@@ -375,7 +417,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # beside the workspace: the simulator empties <ws> (all but startup/ and local/) when it starts
     log_path = ws.parent / f"{ws.name}_simulate.log"
-    rc = run_simulator(job_dir, ws, a.sites, a.threads, log_path, quiet=a.quiet)
+    try:
+        rc = run_simulator(job_dir, ws, a.sites, a.threads, log_path, quiet=a.quiet)
+    except KeyboardInterrupt:
+        print(_stopped_line(ws, job_dir, a, log_path), file=sys.stderr)
+        return 1
     out = sim_outputs(ws)
     print(f"simulator exited with {rc} after {time.perf_counter() - t0:.1f}s; full log: {log_path}")
     for k, p in out.items():
@@ -428,23 +474,70 @@ def _model_config_from(path: Path) -> dict[str, Any]:
     return args["model_config"]
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
+def _check_image_size(model_cfg: dict[str, Any], size: int | None) -> None:
+    """``--image-size`` against the network: a U-Net halves it at every stride (a multiple of their product), a ViT
+    cuts it into patches (a multiple of the patch size); anything else is tried on one blank image."""
+    if size is None:
+        return
+    arch = model_cfg.get("arch")
+    if size < 1:
+        raise CLIError(f"--image-size {size}: must be a positive number of pixels")
+    if arch == "unet":
+        strides = model_cfg.get("strides", (2, 2, 2, 2))
+        step = 1
+        for st in strides:
+            step *= int(st)
+        if size % step:
+            raise CLIError(f"--image-size {size}: the U-Net (strides {list(strides)}) needs a multiple of {step}; "
+                           f"try {-(-size // step) * step}")
+        return
+    if arch in ("vit_seg", "vit_classifier"):
+        patch = int((model_cfg.get("backbone") or {}).get("patch_size", 8))
+        if size % patch:
+            raise CLIError(f"--image-size {size}: the ViT (backbone.patch_size {patch}) needs a multiple of {patch}; "
+                           f"try {-(-size // patch) * patch}")
+        return
+    if model_cfg.get("spatial_dims", 2) != 2:
+        return
     import torch
 
+    from fl_plugins.models.factory import build_model
+
+    net = build_model({**model_cfg, "pretrained": None}).eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, int(model_cfg.get("in_channels", 1)), size, size))
+    except RuntimeError as e:
+        raise CLIError(f"--image-size {size}: too small or odd for model {arch!r} "
+                       f"({str(e).strip().splitlines()[0][:160]}); try a larger size such as 64") from e
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from fl_plugins.engine.checkpoint import check_state_fits, load_tensor_checkpoint, state_dict_of
     from fl_plugins.engine.evaluation import evaluate_sites
 
     ckpt = Path(a.checkpoint)
     if not ckpt.is_file():
         raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
     job_dir = Path(a.job or ckpt.parent.parent)
-    model_cfg = json.loads(a.model_config) if a.model_config else _model_config_from(job_dir)
+    try:
+        model_cfg = json.loads(a.model_config) if a.model_config else _model_config_from(job_dir)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--model-config {a.model_config!r} is not JSON ({e}); give e.g. "
+                       "'{\"arch\": \"unet\", \"num_classes\": 3}'") from e
+    if not isinstance(model_cfg, dict):
+        raise CLIError(f"--model-config {a.model_config!r}: expected a JSON object (the model config)")
     image_size = a.image_size
     if image_size is None and not a.model_config:  # the size the sites trained at, not a guess
         image_size = _job_image_size(job_dir)
         if image_size is not None:
             print(f"image size {image_size} (the job's; --image-size to change)")
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
+    _check_image_size(model_cfg, image_size)
+    state = state_dict_of(load_tensor_checkpoint(ckpt), ckpt)
+    from fl_plugins.models.factory import build_model
+
+    check_state_fits(state, build_model({**model_cfg, "pretrained": None}).state_dict(), ckpt,
+                     f"model {model_cfg.get('arch')!r}")
     result = evaluate_sites(model_cfg, state, _datalists(a.data), split=a.split, image_size=image_size)
     result["checkpoint"] = str(ckpt)
     print(_format_result(result))
@@ -469,7 +562,9 @@ def _format_result(r: dict[str, Any]) -> str:
 def cmd_export_backbone(a: argparse.Namespace) -> int:
     import torch
 
+    from fl_plugins.engine.checkpoint import check_state_fits, load_tensor_checkpoint, state_dict_of
     from fl_plugins.engine.export import export_backbone
+
     ckpt = Path(a.checkpoint)
     if not ckpt.is_file():
         raise CLIError(f"checkpoint {str(ckpt)!r} does not exist")
@@ -481,8 +576,8 @@ def cmd_export_backbone(a: argparse.Namespace) -> int:
 
     import_plugins(args.get("imports") or [])
     method = build(args["method"], args.get("method_config") or {})
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = obj.get("model", obj)
+    state = state_dict_of(load_tensor_checkpoint(ckpt), ckpt)
+    check_state_fits(state, method.state_module().state_dict(), ckpt, f"method {args['method']!r}")
     which = a.which if hasattr(method, a.which) else None
     prefix = f"{which}.backbone." if which else ""
     missing = [k for k in method.state_module().state_dict() if k.startswith(prefix) and k not in state]
@@ -556,6 +651,8 @@ def cmd_results(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, print the traceback too (also accepted after "
+                   "the command)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate synthetic site data (NIfTI phantoms or 2D multi-task .npz)")
@@ -677,16 +774,89 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: what to do after an operating-system error, by errno
+_OS_ADVICE = {
+    errno.EROFS: ("read-only file system", "give a folder on a writable disk"),
+    errno.EACCES: ("permission denied", "give a path you may write (or read), or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "give a path you may write (or read), or fix its permissions"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "give a path whose parents are folders"),
+    errno.EISDIR: ("is a folder, not a file", "give a file path"),
+    errno.EEXIST: ("already exists", "give a new path or remove it"),
+    errno.ELOOP: ("symlink loop", "fix the symbolic links (ls -l) or give the real path"),
+    errno.ENOSPC: ("disk full", "free space or write to another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or write to another disk"),
+    errno.ENAMETOOLONG: ("file name too long", "give a shorter path"),
+}
+
+
+def _path_options(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The command's options that hold a path (``--out``, ``--workspace``, ...), as (flag, absolute path)."""
+    out = []
+    for k, v in vars(args).items():
+        if k in ("fn", "command", "debug") or not isinstance(v, str) or not v:
+            continue
+        flag = {"datalist": "datalist", "workspace": "--workspace"}.get(k, f"--{k.replace('_', '-')}")
+        out.append((flag, Path(v).expanduser().absolute()))
+    return out
+
+
+def _os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    """One line for an operating-system error: the option whose path it concerns (a write under ``--out`` or beside
+    ``--workspace``: its ``_job`` folder and log), the file, what happened and what to do."""
+    what, todo = _OS_ADVICE.get(e.errno, (e.strerror or type(e).__name__, "check the path"))
+    fname = e.filename if e.filename is not None else None
+    if fname is None:  # wrapped errors (a background write, shutil.Error) carry their own text
+        return f"{e}: {todo}" if e.errno in _OS_ADVICE else str(e)
+    f = Path(str(fname)).expanduser().absolute()
+    tmp = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", f.name)  # atomic_io's temp file next to the destination
+    if tmp and e.filename2 is None:
+        f = fname = f.parent / tmp.group(1)
+    opts = [(flag, p) for flag, p in _path_options(args)  # the path itself, under it, or beside it (<ws>_job)
+            if f == p or p in f.parents or (f.parent == p.parent and f.name.startswith(p.name))]
+    opts.sort(key=lambda o: -len(str(o[1])))
+    where = f"{opts[0][0]} {str(opts[0][1])!r}: " if opts else ""
+    target = f"{str(fname)!r}" + (f" -> {str(e.filename2)!r}" if e.filename2 else "")
+    if opts and f == opts[0][1] and not e.filename2:
+        target = "it"
+    verb = "write" if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT) else "use"
+    return f"{where}cannot {verb} {target}: {what}; {todo}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. The package's errors (CLIError, ValueError: data, config and checkpoint errors) and the
+    operating-system errors (OSError: permissions, read-only, missing, symlink loops, disk full) print one line
+    naming the file or setting and what to do, exit code 2 (a failed run: 1); ``--debug`` prints the traceback
+    first. Anything else is a bug: its traceback is printed as Python does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    prefix = f"flssl {args.command}: error:"
+
+    def fail(msg: str, code: int = 2) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix} {msg}", file=sys.stderr)
+        return code
+
     try:
         return int(args.fn(args) or 0)
     except CLIError as e:
-        print(f"flssl {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:  # DataError and config errors carry the file / setting name
-        print(f"flssl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
+    except OSError as e:  # before ValueError: nothing here is both; FileNotFoundError is one
+        return fail(_os_error_line(e, args))
+    except ValueError as e:  # DataError, CheckpointError and config errors carry the file / setting name
+        return fail(str(e))
+    except RuntimeError as e:
+        if str(e).startswith("Symlink loop"):  # pathlib.Path.resolve on Python < 3.13
+            return fail(f"{e}: fix the symbolic links (ls -l) or give the real path")
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"flssl {args.command}: stopped (Ctrl-C) before it finished; what it was writing may be incomplete: "
+              "run the command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
