@@ -10,6 +10,8 @@ same :class:`BackboneSpec`, and timm itself can load it::
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +87,21 @@ def read_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise BackboneCheckpointError(f"{what} {str(path)!r} does not exist")
+    try:  # the format first: torch.save's zip with a data.pkl (nothing is unpickled before)
+        with zipfile.ZipFile(path) as z:
+            ok = any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        ok = False
+    if not ok:
+        raise BackboneCheckpointError(f"{what} {str(path)!r} is not a PyTorch checkpoint (torch.save's zip of "
+                                      "tensors): give the file 'flssl export-backbone' wrote")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or not a torch file
+    except pickle.UnpicklingError as e:  # weights_only refused a global: it would have run code
+        raise BackboneCheckpointError(f"{what} {str(path)!r} holds Python objects besides tensors; only tensors are "
+                                      f"loaded, since unpickling other objects can run code "
+                                      f"({str(e).strip().splitlines()[-1][:200]})") from e
+    except Exception as e:  # a damaged zip
         raise BackboneCheckpointError(f"cannot read {what} {str(path)!r}: {e}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -184,6 +184,26 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_before_it_runs(command, 
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.parametrize("job", ["finetune_seg_unet", "finetune_seg_vit"])
+@pytest.mark.parametrize("content", ["evil", "random"])
+def test_simulate_pretrained_refuses_a_file_that_is_no_checkpoint_of_tensors(job, content, synth_seg_data, tmp_path,
+                                                                              monkeypatch, capsys):
+    """``--pretrained`` (models.backbone.read_state_dict_file): the format first, weights_only; FLARE never starts."""
+    marker = tmp_path / "MARKER_code_ran"
+    ckpt = tmp_path / "pre.pt"
+    if content == "evil":
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": _Evil(marker)}, ckpt)
+    else:
+        ckpt.write_bytes(os.urandom(2048))
+    monkeypatch.setattr("fl_plugins.cli.run_simulator", lambda *a, **k: pytest.fail("the simulator started"))
+    rc, out, err = run(["simulate", "--job", job, "--data", synth_seg_data, "-w", tmp_path / "ws", "--pretrained",
+                        ckpt], capsys)
+    assert rc == 2 and not marker.exists()
+    line = error_line(err, "simulate")
+    assert line.startswith("flssl simulate: error: --pretrained: ") and str(ckpt) in line
+    assert ("holds Python objects besides tensors" if content == "evil" else "is not a PyTorch checkpoint") in line
+
+
 @pytest.mark.parametrize("command", sorted(CKPT_COMMANDS))
 @pytest.mark.parametrize("content, found", [
     (os.urandom(4096), "a file starting with"),
