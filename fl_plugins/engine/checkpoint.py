@@ -23,11 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fl_plugins.atomic_io import atomic_write, atomic_write_text
 
-__all__ = ["BackgroundSaver", "CheckpointError", "atomic_torch_save", "atomic_write_text", "check_state_fits",
+__all__ = ["BackgroundSaver", "CheckpointError", "atomic_torch_save", "save_arrays", "load_arrays", "atomic_write_text", "check_state_fits",
            "load_tensor_checkpoint", "state_dict_of"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,30 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 class CheckpointError(ValueError):
     """A file handed in as a checkpoint is missing, is not a ``torch.save`` zip of tensors, lacks the expected
     entries or does not fit the model (the message names the setting, the file and what differs)."""
+
+
+def save_arrays(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Atomically save ``obj``: plain values and dicts of numpy arrays (name -> array), the arrays as tensors, so
+    that :func:`load_arrays` reads it back with ``weights_only=True`` (no pickled objects on disk, nothing that runs
+    code when loaded). Used for the state a site keeps between rounds (FCL's round model, FCLOpt's PTNU state)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, np.ndarray) or np.isscalar(v) and isinstance(v, np.generic):
+            return torch.tensor(np.array(v))
+        return v
+
+    atomic_torch_save(conv(obj), path)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`save_arrays` wrote, tensors back as numpy arrays (``weights_only=True``)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v.numpy() if isinstance(v, torch.Tensor) else v
+
+    return conv(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def load_tensor_checkpoint(path: str | os.PathLike, setting: str = "--checkpoint") -> Any:

@@ -246,7 +246,7 @@ class FCLHandler(MethodHandler):
     def extract_features(self, model: FLModel) -> FLModel:
         import time
 
-        from fl_plugins.engine.checkpoint import atomic_torch_save
+        from fl_plugins.engine.checkpoint import save_arrays
 
         t0 = time.perf_counter()
         rnd = int(model.current_round or 0)
@@ -254,7 +254,7 @@ class FCLHandler(MethodHandler):
         self._loaded_round = rnd
         self._local_bank = None
         # the train task of this round carries no weights: keep them where a restarted handler finds them
-        atomic_torch_save({"round": rnd, "params": dict(model.params)}, self.round_model_path)
+        save_arrays({"round": rnd, "params": dict(model.params)}, self.round_model_path)
         dim = self.method.config.proj_dim
         if not self.share_features:
             self._bank_for(rnd)
@@ -294,12 +294,13 @@ class FCLHandler(MethodHandler):
     def train(self, model: FLModel) -> FLModel:
         import time
 
+        from fl_plugins.engine.checkpoint import load_arrays
         from fl_plugins.engine.train_loop import run_local_steps
 
         rnd = int(model.current_round or 0)
         t0 = time.perf_counter()
         if not model.params and self._loaded_round != rnd and self.round_model_path.is_file():
-            saved = torch.load(self.round_model_path, map_location="cpu", weights_only=False)
+            saved = load_arrays(self.round_model_path)
             if int(saved["round"]) == rnd:  # a restarted handler (or the simulator's swapped-out client)
                 model = FLModel(params=saved["params"], params_type=ParamsType.FULL, current_round=rnd,
                                 meta=model.meta)

@@ -101,7 +101,9 @@ class FCLOptHandler(MethodHandler):
         self._tkeys = self.method.target_keys()
         self.state_path = Path(site.workspace_dir) / PTNU_STATE_FILE
         if self.ptnu and self.state_path.is_file():  # a restarted site (or the simulator's swapped-out client)
-            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            from fl_plugins.engine.checkpoint import load_arrays
+
+            st = load_arrays(self.state_path)
             self._xi_hat, self._theta, self._last_round = st["xi_hat"], st["theta"], int(st["round"])
             logger.info("site %s: PTNU state of round %d restored from %s", site.site_name, self._last_round,
                         self.state_path)
@@ -138,9 +140,9 @@ class FCLOptHandler(MethodHandler):
                              "target to a site that missed a round")
         self.method.load_target_state(to_torch(xi))
         self._xi_hat, self._theta, self._last_round = xi, theta, rnd
-        from fl_plugins.engine.checkpoint import atomic_torch_save
+        from fl_plugins.engine.checkpoint import save_arrays
 
-        atomic_torch_save({"round": rnd, "xi_hat": xi, "theta": theta}, self.state_path)
+        save_arrays({"round": rnd, "xi_hat": xi, "theta": theta}, self.state_path)
 
     def local_train(self, global_step: int) -> dict[str, float]:
         from fl_plugins.engine.train_loop import run_local_steps
