@@ -41,10 +41,11 @@ def pretrain_dims_problems(job: str, dims: int, dl: dict[str, Any], jobs_by_dims
     if fit == job and dims_key:  # the job trains the other dimensionality because of a setting
         fix = f"--set {dims_key}={geo.spatial_dims}"
     else:
-        fix = f"use job {fit}" if fit and fit != job else f"{geo.spatial_dims}D data is not supported by this job"
-        if decathlon_mode_fix(dl, geo.spatial_dims):
-            fix += f", or {decathlon_mode_fix(dl, geo.spatial_dims)}" if fit and fit != job \
-                else f": {decathlon_mode_fix(dl, geo.spatial_dims)}"
+        other = fit if fit and fit != job else None
+        fix = f"use job {other}" if other else f"{geo.spatial_dims}D data is not supported by this job"
+        mode = decathlon_mode_fix(dl, geo.spatial_dims)
+        if mode:
+            fix += f", or {mode}" if other else f": {mode}"
     return [f"datalist {dl.get('datalist_path')!r} holds {geo.spatial_dims}D images ({geo.source}) but job {job!r} "
             f"trains on {dims}D images: {fix}"]
 
